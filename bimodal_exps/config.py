@@ -1,0 +1,241 @@
+"""Command-line flags, YAML config files and validation: the one place the run is configured.
+
+Precedence: built-in defaults < ``--config FILE.yaml`` < flags given on the command line.
+Defaults reproduce the iSogCLR paper set-up on CC3M (ALGORITHMS.md section 9); the
+flag names are the original code base's, so existing run scripts keep working.
+Relative data paths are resolved against ``--data_path``; every other relative path
+against the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from models.losses import LOSS_ALIASES, LOSSES
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says what to change."""
+
+
+def _dict_arg(text: str) -> dict:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{depth: 4}}', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clip.py",
+        description="Train and/or evaluate CLIP-style image-text models with global contrastive losses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="./datasets", help="root that relative data paths are resolved against")
+    g.add_argument("--ann_path", default="clip_train", help="folder of the annotation JSON files")
+    g.add_argument("--train_data", help="webdataset shards: brace spec ('cc3m/{00000..00331}.tar'), a folder, or specs joined by '::'")
+    g.add_argument("--train_file", help="caption JSON training file (under --ann_path), instead of --train_data")
+    g.add_argument("--train_image_root", help="image folder of --train_file")
+    g.add_argument("--train_num_samples", type=int, help="samples per epoch (default: counted from the shards' _stats.json)")
+    g.add_argument("--data_size", type=int, default=3318333, help="size N of the sample index space (CC3M: 3,318,333 rows)")
+    g.add_argument("--val_coco_file", default="coco_val.json", help="retrieval JSON for validation (under --ann_path); '' to skip")
+    g.add_argument("--test_coco_file", default="coco_test.json", help="retrieval JSON for testing (under --ann_path); '' to skip")
+    g.add_argument("--coco_image_root", default="coco", help="image folder of the MSCOCO files")
+    g.add_argument("--val_flickr_file", default="", help="Flickr30k validation JSON (under --ann_path)")
+    g.add_argument("--test_flickr_file", default="", help="Flickr30k test JSON (under --ann_path)")
+    g.add_argument("--flickr_image_root", default="flickr30k", help="image folder of the Flickr30k files")
+    g.add_argument("--zs_dataset", default="", help="zero-shot dataset: cifar10, cifar100, imagenet or imagefolder; '' to skip")
+    g.add_argument("--zs_datafolder", default="", help="folder of the zero-shot dataset")
+    g.add_argument("--workers", type=int, default=8, help="data loader worker processes per rank")
+    g.add_argument("--max_words", type=int, default=30, help="caption length cap, in words and in tokens")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=(0.5, 1.0), help="RandomResizedCrop area range")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
+    g.add_argument("--shuffle_buffer", type=int, default=2000, help="samples in each worker's shuffle buffer")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--image_encoder", default="resnet50", help="any timm model name")
+    g.add_argument("--image_encoder_kwargs", type=_dict_arg, default={}, help="extra timm.create_model arguments, e.g. '{img_size: 64}'")
+    g.add_argument("--text_encoder", default="distilbert-base-uncased", help="HF hub name or local folder (config + tokenizer)")
+    g.add_argument("--image_res", type=int, default=256, help="input image side, pixels")
+    g.add_argument("--embed_dim", type=int, default=256, help="shared embedding dimension")
+    g.add_argument("--init_model", action="store_true", help="start both encoders from pretrained weights (library caches)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--opt", default="adamW", choices=["adamW", "adamw"], help="optimiser")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    g.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
+    g.add_argument("--weight_decay", type=float, default=0.02, help="AdamW weight decay (never on norms, biases, temperatures)")
+    g.add_argument("--sched", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule (per step)")
+    g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear warm-up length in epochs")
+    g.add_argument("--warmup_steps", type=int, help="linear warm-up length in steps (overrides --warmup_epochs)")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch_size_train", type=int, default=128, help="per-rank training batch; global batch = this x world size")
+    g.add_argument("--batch_size_test", type=int, default=256, help="per-rank evaluation batch")
+    g.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
+
+    g = p.add_argument_group("loss")
+    names = sorted([*LOSSES, *LOSS_ALIASES])
+    g.add_argument("--ita_type", default="isogclr", help=f"loss: one of {', '.join(names)}")
+    g.add_argument("--temp", type=float, default=0.01, help="temperature of clip and sogclr")
+    g.add_argument("--learnable_temp", action="store_true", help="clip: learn one global temperature")
+    g.add_argument("--sogclr_gamma", type=float, default=0.8, help="moving-average weight gamma (minimum under a schedule)")
+    g.add_argument("--gamma_schedule", default="constant", choices=["constant", "cosine"])
+    g.add_argument("--gamma_decay_epochs", type=int, default=1, help="epochs over which the cosine gamma schedule decays")
+    g.add_argument("--tau_init", type=float, default=0.01, help="isogclr: initial per-sample temperature")
+    g.add_argument("--tau_min", type=float, default=0.005)
+    g.add_argument("--tau_max", type=float, default=1.0)
+    g.add_argument("--rho_init", type=float, default=6.0, help="isogclr: KL-DRO radius of both modalities")
+    g.add_argument("--rho_I", type=float, help="image-side rho (default: --rho_init)")
+    g.add_argument("--rho_T", type=float, help="text-side rho (default: --rho_init)")
+    g.add_argument("--eta_init", type=float, default=0.03, help="isogclr: temperature learning rate")
+    g.add_argument("--eta_sched", default="const", choices=["const", "cosine", "exp"])
+    g.add_argument("--eta_min", type=float, default=1e-4)
+    g.add_argument("--eta_exp_base", type=float, default=0.8, help="lambda of the 'exp' eta schedule")
+    g.add_argument("--beta_u", type=float, default=0.9, help="isogclr: momentum of the temperature gradient")
+    g.add_argument("--lr_tau", type=float, default=2e-4, help="fastclip_v3: learning rate of the global temperature")
+    g.add_argument("--rho", type=float, default=6.5, help="fastclip_v3: rho")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", help="where configs, logs and checkpoints go (default: output/run; with --evaluate --checkpoint: the checkpoint's folder)")
+    g.add_argument("--evaluate", action="store_true", help="evaluate only (with --checkpoint, or the initial model)")
+    g.add_argument("--checkpoint", help="checkpoint to evaluate (or to initialise training from, weights only)")
+    g.add_argument("--resume", help="checkpoint to resume training from, or 'auto' (latest in --output_dir)")
+    g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16 with a grad scaler on CUDA")
+    g.add_argument("--precision", choices=PRECISIONS, help="fp32, fp16 (CUDA) or bf16 (default: fp16 with --use_amp, else fp32)")
+    g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None, help="default: detected from the launcher's environment")
+    g.add_argument("--k_test", type=int, default=256, help="accepted for compatibility with the original scripts; unused")
+    g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
+    g.add_argument("--eval_test_every_epoch", action="store_true", help="also evaluate the test split after every epoch")
+    return p
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve(root: str, path: str | None) -> str | None:
+    if not path:
+        return path
+    return os.path.abspath(os.path.join(root, path))
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags (and ``--config``), resolve derived values and validate; raises ConfigError."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**load_yaml(first.config, parser))
+    cfg = parser.parse_args(argv)
+    resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config file not found: {path}")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)} (keys are flag names without '--')")
+    return values
+
+
+def resolve(cfg: argparse.Namespace) -> None:
+    """Fill derived values in place: paths, loss aliases, precision."""
+    cfg.ita_type = LOSS_ALIASES.get(cfg.ita_type, cfg.ita_type)
+    if cfg.output_dir is None:
+        cfg.output_dir = os.path.dirname(cfg.checkpoint) if cfg.evaluate and cfg.checkpoint else "output/run"
+    cfg.rho_I = cfg.rho_init if cfg.rho_I is None else cfg.rho_I
+    cfg.rho_T = cfg.rho_init if cfg.rho_T is None else cfg.rho_T
+    cfg.ann_path = _resolve(cfg.data_path, cfg.ann_path)
+    for name in ("train_image_root", "coco_image_root", "flickr_image_root", "zs_datafolder"):
+        setattr(cfg, name, _resolve(cfg.data_path, getattr(cfg, name)))
+    if cfg.train_data:
+        cfg.train_data = "::".join(_resolve(cfg.data_path, s) for s in cfg.train_data.split("::"))
+    for name in ("train_file", "val_coco_file", "test_coco_file", "val_flickr_file", "test_flickr_file"):
+        setattr(cfg, name, _resolve(cfg.ann_path, getattr(cfg, name)))
+    if cfg.precision is None:
+        cfg.precision = "fp16" if cfg.use_amp else "fp32"
+    if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
+        cfg.precision = "bf16"  # fp16 autocast needs a grad scaler and CUDA; bf16 is the CPU's half type
+    cfg.crop_scale = tuple(cfg.crop_scale)
+
+
+def validate(cfg: argparse.Namespace) -> None:
+    """Catch settings that cannot work before anything is built (one message each)."""
+    if cfg.ita_type not in LOSSES:
+        names = ", ".join(sorted([*LOSSES, *LOSS_ALIASES]))
+        raise ConfigError(f"unknown --ita_type {cfg.ita_type!r}; valid losses: {names}")
+    if cfg.batch_size_train < 2:
+        raise ConfigError(
+            f"--batch_size_train {cfg.batch_size_train}: a contrastive loss needs at least 2 samples per rank "
+            "(the other samples of the batch are the negatives); use 2 or more"
+        )
+    if cfg.data_size is None or cfg.data_size < 1:
+        raise ConfigError("--data_size must be a positive number of sample indices (CC3M: 3318333)")
+    if not cfg.evaluate:
+        if bool(cfg.train_data) == bool(cfg.train_file):
+            raise ConfigError("give exactly one training source: --train_data (webdataset shards) or --train_file (caption JSON)")
+        if cfg.train_file:
+            _require_file(cfg.train_file, "--train_file")
+            _require_dir(cfg.train_image_root, "--train_image_root")
+    for flag in ("val_coco_file", "test_coco_file", "val_flickr_file", "test_flickr_file"):
+        if getattr(cfg, flag):
+            _require_file(getattr(cfg, flag), f"--{flag}")
+            root = cfg.coco_image_root if "coco" in flag else cfg.flickr_image_root
+            _require_dir(root, "--coco_image_root" if "coco" in flag else "--flickr_image_root")
+    if cfg.zs_dataset:
+        _require_dir(cfg.zs_datafolder, "--zs_datafolder")
+    if cfg.resume and cfg.resume != "auto":
+        _require_file(cfg.resume, "--resume")
+    if cfg.checkpoint:
+        _require_file(cfg.checkpoint, "--checkpoint")
+    if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+
+
+def _require_file(path: str | None, flag: str) -> None:
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"{flag}: file not found: {path}")
+
+
+def _require_dir(path: str | None, flag: str) -> None:
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"{flag}: folder not found: {path}")
+
+
+def loss_hparams(cfg: argparse.Namespace) -> dict:
+    """Every loss flag; ``build_loss`` hands each loss the ones it takes."""
+    keys = (
+        "temp", "learnable_temp", "sogclr_gamma", "gamma_schedule", "gamma_decay_epochs", "tau_init", "tau_min",
+        "tau_max", "rho_I", "rho_T", "eta_init", "eta_sched", "eta_min", "eta_exp_base", "beta_u", "lr_tau",
+        "rho", "epochs",
+    )
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def save_config(cfg: argparse.Namespace, path: str | Path) -> None:
+    """Write the resolved configuration as YAML (loadable again with --config)."""
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cfg).items())}
+    with open(path, "w") as f:
+        yaml.safe_dump(json.loads(json.dumps(values)), f, sort_keys=True)

@@ -1,0 +1,116 @@
+"""The two-tower model: a timm image encoder and a HuggingFace text encoder, each followed
+by a linear projection to a shared, L2-normalised embedding space."""
+
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """Weights, a config or a tokenizer could not be loaded (typically: offline, not cached)."""
+
+
+def _offline_help(what: str, fill_cache: str, original: Exception, weights: bool) -> PretrainedUnavailableError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    return PretrainedUnavailableError(
+        f"could not load {what} ({type(original).__name__}: {str(original).splitlines()[0][:200]}). "
+        f"{'HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and n' if offline else 'N'}othing is downloaded "
+        "unless the machine can reach the Hugging Face Hub. To provide it: on a machine with internet run "
+        f"`{fill_cache}` and copy its cache (~/.cache/huggingface, or $HF_HOME) to this machine or point "
+        "HF_HOME at a shared copy; or pass a local folder instead of a hub name"
+        + ("; or leave out --init_model to start from random weights." if weights else ".")
+    )
+
+
+def load_tokenizer(text_encoder: str) -> PreTrainedTokenizerBase:
+    """Tokenizer of a HF hub name or a local folder (the synthetic dataset writes one)."""
+    try:
+        return AutoTokenizer.from_pretrained(text_encoder)
+    except (OSError, ValueError) as err:
+        raise _offline_help(
+            f"the tokenizer of --text_encoder {text_encoder!r}",
+            f"python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{text_encoder}')\"",
+            err,
+            weights=False,
+        ) from err
+
+
+def build_image_encoder(name: str, pretrained: bool, kwargs: dict | None = None) -> nn.Module:
+    """Any timm model with its classifier removed: images [b,3,H,W] -> features [b, num_features]."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown --image_encoder {name!r}: not a timm model name (see timm.list_models())")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **(kwargs or {}))
+    except Exception as err:  # timm raises many kinds when the hub is unreachable
+        if not pretrained:
+            raise
+        raise _offline_help(
+            f"pretrained weights of --image_encoder {name!r} (--init_model)",
+            f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\"",
+            err,
+            weights=True,
+        ) from err
+
+
+def build_text_encoder(name: str, pretrained: bool) -> nn.Module:
+    """HF AutoModel: (input_ids, attention_mask) -> last_hidden_state [b, L, hidden]."""
+    try:
+        if pretrained:
+            return AutoModel.from_pretrained(name)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError) as err:
+        what = "pretrained weights" if pretrained else "the config"
+        call = "AutoModel.from_pretrained" if pretrained else "AutoConfig.from_pretrained"
+        raise _offline_help(
+            f"{what} of --text_encoder {name!r}",
+            f"python -c \"from transformers import {call.split('.')[0]}; {call}('{name}')\"",
+            err,
+            weights=pretrained,
+        ) from err
+
+
+class CLIPModel(nn.Module):
+    """Image and text towers with projections to ``embed_dim``.
+
+    ``forward(images, input_ids, attention_mask)`` returns the L2-normalised image and
+    text features, each [b, embed_dim].
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int) -> None:
+        super().__init__()
+        self.visual = image_encoder
+        self.text_encoder = text_encoder
+        self.vision_proj = nn.Linear(image_encoder.num_features, embed_dim)
+        self.text_proj = nn.Linear(text_encoder.config.hidden_size, embed_dim)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [b,3,H,W] -> [b, embed_dim], unit norm."""
+        return F.normalize(self.vision_proj(self.visual(images)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """token ids and mask [b, L] -> [b, embed_dim], unit norm; the first ([CLS]) token represents the text."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
+
+def build_model(
+    image_encoder: str, text_encoder: str, embed_dim: int, init_model: bool = False,
+    image_encoder_kwargs: dict | None = None,
+) -> CLIPModel:
+    """The CLIP model; ``init_model`` loads both encoders' pretrained weights from the libraries' caches."""
+    return CLIPModel(
+        build_image_encoder(image_encoder, init_model, image_encoder_kwargs),
+        build_text_encoder(text_encoder, init_model),
+        embed_dim,
+    )

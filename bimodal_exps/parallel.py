@@ -1,0 +1,156 @@
+"""Process-group helpers shared by the losses, the evaluator and the training loop.
+
+Everything here degrades to the identity in a single process, so library code can
+call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+class _AllGatherSumGrad(torch.autograd.Function):
+    """Concatenate ``x`` [b, ...] from every rank along dim 0 -> [W*b, ...].
+
+    Backward sums the incoming gradient over ranks and returns this rank's slice, so
+    the gradient that reaches ``x`` is d(sum over ranks of their losses)/dx.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.batch = rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [W*b, ...] in rank order; gradients summed across ranks.
+
+    Every rank must pass the same ``b``.
+    """
+    if world_size() == 1:
+        return x
+    return _AllGatherSumGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """[b_r, ...] on rank r -> [sum_r b_r, ...] in rank order, no gradient.
+
+    Ranks may hold different ``b_r`` (padding is handled here).
+    """
+    if world_size() == 1:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
+
+
+def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
+    """Mean of a Python float over ranks (identity in a single process)."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / world_size()
+
+
+def all_ranks_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` holds on every rank; used so all ranks stop an epoch together."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _slurm_master_addr() -> str:
+    """First host of the job's node list (what `scontrol show hostnames` prints first)."""
+    import subprocess
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "127.0.0.1"
+
+
+def detect_launch() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) set by torchrun or by an `srun` step; None for a plain process.
+
+    For srun, MASTER_ADDR / MASTER_PORT are taken from the environment or derived from the
+    job's first node and job id, so every task of the job agrees on the rendezvous.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or a manual launch)
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env  # inside srun, not the batch script
+    if in_step and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    return None
+
+
+def init_distributed(requested: bool | None, device: str) -> torch.device:
+    """Join the process group when launched by torchrun / srun (or when ``requested``).
+
+    Returns this process's device: ``cuda:<local_rank>`` on CUDA, else the CPU. NCCL is used
+    on CUDA, gloo on the CPU. ``requested=False`` forces a single process.
+    """
+    launch = detect_launch() if requested is not False else None
+    if requested and launch is None:
+        raise RuntimeError(
+            "--distributed was given but no launcher was detected: start with torchrun "
+            "(RANK/WORLD_SIZE) or srun with several tasks"
+        )
+    if launch is None:
+        return torch.device(device)
+    rank_, local_rank, world = launch
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(backend, rank=rank_, world_size=world, init_method="env://")
+    return dev
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,182 @@
+"""Distributed contract of models.losses (ALGORITHMS.md section 7) with 2 and 3 real gloo processes.
+
+Each rank feeds its consecutive slice of a global batch for three steps; the same test process
+runs the loss single-process on the whole batch, and the two must agree: mean over ranks of the
+returned losses, feature gradients (W times the single-process rows, which DDP's averaging undoes),
+loss-parameter gradients (mean over ranks) and every rank's full state after every step.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from loss_reference import assert_matches
+from models.losses import build_loss
+
+N = 20
+BATCH = 12  # divisible by 2 and 3
+DIM = 8
+RTOL = 1e-5
+HP = {
+    "temp": 0.01,
+    "learnable_temp": False,
+    "sogclr_gamma": 0.8,
+    "gamma_schedule": "constant",
+    "gamma_decay_epochs": 2,
+    "tau_init": 0.05,
+    "tau_min": 0.005,
+    "tau_max": 1.0,
+    "rho_I": 5.0,
+    "rho_T": 7.0,
+    "eta_init": 0.5,
+    "eta_sched": "exp",
+    "eta_min": 1e-4,
+    "eta_exp_base": 0.8,
+    "beta_u": 0.9,
+    "epochs": 3,
+}
+CASES = {
+    "clip": ("clip", {**HP, "temp": 0.05}),
+    "clip-learnable": ("clip", {**HP, "temp": 0.02, "learnable_temp": True}),
+    "sogclr": ("sogclr", {**HP, "temp": 0.03, "gamma_schedule": "cosine", "sogclr_gamma": 0.2}),
+    "isogclr": ("isogclr", HP),
+}
+# Global batch order; with W = 2 rank 0 holds positions 0-5, with W = 3 positions 0-3. Index 5 (image)
+# and 1 (text) repeat across ranks, first-seen in step 0 and already seen in step 1.
+IMAGE_IDX = [
+    [0, 5, 1, 2, 3, 4, 6, 7, 8, 5, 9, 10],
+    [5, 11, 12, 0, 13, 14, 0, 15, 16, 17, 5, 18],
+    [19, 3, 3, 4, 7, 8, 9, 10, 19, 2, 1, 0],
+]
+TEXT_IDX = [
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    [12, 13, 1, 14, 15, 16, 1, 17, 18, 19, 1, 2],
+    [0, 19, 3, 5, 7, 9, 11, 13, 15, 17, 19, 0],
+]
+
+
+def make_steps() -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    steps = []
+    for epoch, (image_idx, text_idx) in enumerate(zip(IMAGE_IDX, TEXT_IDX, strict=True)):
+        image = torch.nn.functional.normalize(torch.randn(BATCH, DIM, generator=gen), dim=1)
+        text = torch.nn.functional.normalize(torch.randn(BATCH, DIM, generator=gen), dim=1)
+        steps.append(
+            {
+                "image": image,
+                "text": text,
+                "image_idx": torch.tensor(image_idx),
+                "text_idx": torch.tensor(text_idx),
+                "epoch": epoch,
+            }
+        )
+    return steps
+
+
+def run_steps(loss_name: str, hp: dict, steps: list[dict], rows: slice) -> list[dict]:
+    """Feed ``rows`` of every step to one loss module; per step: loss, gradients, state."""
+    loss_fn = build_loss(loss_name, data_size=N, **hp)
+    results = []
+    for step in steps:
+        loss_fn.set_epoch(step["epoch"])
+        image = step["image"][rows].clone().requires_grad_(True)
+        text = step["text"][rows].clone().requires_grad_(True)
+        loss, _ = loss_fn(image, text, step["image_idx"][rows], step["text_idx"][rows])
+        loss.backward()
+        results.append(
+            {
+                "loss": loss.detach(),
+                "grad_image": image.grad,
+                "grad_text": text.grad,
+                "param_grads": {k: p.grad.clone() for k, p in loss_fn.named_parameters()},
+                "state": {k: v.detach().clone() for k, v in loss_fn.state_dict().items()},
+            }
+        )
+        loss_fn.zero_grad()
+    return results
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str, steps: list[dict]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        local = BATCH // world
+        rows = slice(rank * local, (rank + 1) * local)
+        results = {case: run_steps(name, hp, steps, rows) for case, (name, hp) in CASES.items()}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(world: int, out_dir: Path, steps: list[dict], timeout_s: float = 180.0) -> None:
+    """Run ``_rank_main`` on ``world`` processes; a child's exception (with its traceback) or a
+    hang fails the test."""
+    context = mp.start_processes(
+        _rank_main,
+        args=(world, free_port(), str(out_dir), steps),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within {timeout_s:.0f} s (collective mismatch?)")
+
+
+def check_state(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), f"{what}: state keys {sorted(got)} != {sorted(want)}"
+    for key, value in want.items():
+        if not value.is_floating_point():
+            assert torch.equal(got[key], value), f"{what}: {key} differs"
+            continue
+        seen = want.get(f"seen_{key[-1]}")
+        if key.startswith("log_u") and seen is not None:  # log u of unseen samples is meaningless
+            assert_matches(got[key][seen], value[seen], RTOL, f"{what} {key}", scale_floor=1.0)
+        else:
+            assert_matches(got[key], value, RTOL, f"{what} {key}", scale_floor=1.0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_match_single_process(world, tmp_path):
+    steps = make_steps()
+    spawn_ranks(world, tmp_path, steps)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for case, (name, hp) in CASES.items():
+        single = run_steps(name, hp, steps, slice(None))
+        for step, want in enumerate(single):
+            what = f"{case} W={world} step {step}"
+            got = [ranks[case][step] for ranks in per_rank]
+            mean_loss = torch.stack([g["loss"] for g in got]).mean()
+            assert_matches(mean_loss, want["loss"], RTOL, f"{what} mean loss over ranks", scale_floor=1.0)
+            for key in ("grad_image", "grad_text"):
+                # Rank r's rows receive W times the single-process gradient; DDP divides by W.
+                gathered = torch.cat([g[key] for g in got])
+                assert_matches(gathered, world * want[key], RTOL, f"{what} {key} (x W)")
+            for param, grad in want["param_grads"].items():
+                mean_grad = torch.stack([g["param_grads"][param] for g in got]).mean(0)
+                assert_matches(mean_grad, grad, RTOL, f"{what} mean d loss/d {param} over ranks")
+            for r, g in enumerate(got):
+                check_state(g["state"], want["state"], f"{what} rank {r}")
