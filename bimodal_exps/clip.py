@@ -23,18 +23,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import parallel  # noqa: E402
-from config import ConfigError, loss_hparams, parse_config, save_config  # noqa: E402
-from data.loaders import build_train_data  # noqa: E402
-from data.retrieval_split import RetrievalSplit, load_retrieval_split  # noqa: E402
-from engine.checkpoint import BEST, LATEST, copy_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from engine.optim import build_optimizer, build_scheduler  # noqa: E402
-from engine.run_log import RunLog, setup_logging  # noqa: E402
-from engine.trainer import Progress, train_one_epoch  # noqa: E402
-from evaluation.retrieval import evaluate_retrieval, format_recall_table  # noqa: E402
-from evaluation.zeroshot import evaluate_zeroshot  # noqa: E402
-from models.losses import build_loss  # noqa: E402
-from models.model_clip import PretrainedUnavailableError, build_model, load_tokenizer  # noqa: E402
+import parallel
+from config import ConfigError, loss_hparams, parse_config, save_config
+from data.loaders import build_train_data
+from data.retrieval_split import RetrievalSplit, load_retrieval_split
+from engine.checkpoint import (
+    BEST,
+    LATEST,
+    copy_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from engine.optim import build_optimizer, build_scheduler
+from engine.run_log import RunLog, setup_logging
+from engine.trainer import Progress, train_one_epoch
+from evaluation.retrieval import evaluate_retrieval, format_recall_table
+from evaluation.zeroshot import evaluate_zeroshot
+from models.losses import build_loss
+from models.model_clip import PretrainedUnavailableError, build_model, load_tokenizer
 
 log = logging.getLogger("clip")
 
@@ -51,8 +58,10 @@ def load_eval_splits(cfg: Namespace) -> dict[str, RetrievalSplit]:
     """Retrieval splits by name (the JSON file's stem, e.g. 'coco_val'), validation first."""
     splits = {}
     for flag, root in (
-        ("val_coco_file", cfg.coco_image_root), ("val_flickr_file", cfg.flickr_image_root),
-        ("test_coco_file", cfg.coco_image_root), ("test_flickr_file", cfg.flickr_image_root),
+        ("val_coco_file", cfg.coco_image_root),
+        ("val_flickr_file", cfg.flickr_image_root),
+        ("test_coco_file", cfg.coco_image_root),
+        ("test_flickr_file", cfg.flickr_image_root),
     ):
         path = getattr(cfg, flag)
         if path:
@@ -64,10 +73,19 @@ class Evaluator:
     """Evaluates the model on the configured retrieval splits and zero-shot set, logs each result."""
 
     def __init__(self, cfg: Namespace, splits: dict[str, RetrievalSplit], tokenizer, device, run_log: RunLog):
-        self.cfg, self.splits, self.tokenizer, self.device, self.run_log = cfg, splits, tokenizer, device, run_log
+        self.cfg, self.splits, self.tokenizer, self.device, self.run_log = (
+            cfg,
+            splits,
+            tokenizer,
+            device,
+            run_log,
+        )
         self.kwargs = dict(
-            image_res=cfg.image_res, max_words=cfg.max_words, batch_size=cfg.batch_size_test,
-            workers=cfg.workers, device=device,
+            image_res=cfg.image_res,
+            max_words=cfg.max_words,
+            batch_size=cfg.batch_size_test,
+            workers=cfg.workers,
+            device=device,
         )
 
     def __call__(self, model, names, tag: str, progress: Progress) -> dict[str, dict[str, float]]:
@@ -76,8 +94,14 @@ class Evaluator:
             metrics = evaluate_retrieval(model, self.splits[name], self.tokenizer, **self.kwargs)
             results[name] = metrics
             self.run_log.eval(
-                {"dataset": name, "split": "val" if "val" in name else "test", "tag": tag,
-                 "epoch": progress.epoch, "step": progress.step, **metrics},
+                {
+                    "dataset": name,
+                    "split": "val" if "val" in name else "test",
+                    "tag": tag,
+                    "epoch": progress.epoch,
+                    "step": progress.step,
+                    **metrics,
+                },
                 progress.step,
             )
         if self.cfg.zs_dataset and tag != "epoch":
@@ -86,8 +110,14 @@ class Evaluator:
             )
             results[f"zeroshot_{self.cfg.zs_dataset}"] = metrics
             self.run_log.eval(
-                {"dataset": self.cfg.zs_dataset, "split": "zeroshot", "tag": tag, "epoch": progress.epoch,
-                 "step": progress.step, **metrics},
+                {
+                    "dataset": self.cfg.zs_dataset,
+                    "split": "zeroshot",
+                    "tag": tag,
+                    "epoch": progress.epoch,
+                    "step": progress.step,
+                    **metrics,
+                },
                 progress.step,
             )
         return results
@@ -96,7 +126,9 @@ class Evaluator:
         return [n for n in self.splits if ("val" in n) == (split == "val")]
 
 
-def checkpoint_state(model, loss_fn, optimizer, scheduler, scaler, progress: Progress, cfg, best: dict) -> dict:
+def checkpoint_state(
+    model, loss_fn, optimizer, scheduler, scaler, progress: Progress, cfg, best: dict
+) -> dict:
     return {
         "model": model.state_dict(),
         "loss": loss_fn.state_dict(),
@@ -110,7 +142,14 @@ def checkpoint_state(model, loss_fn, optimizer, scheduler, scaler, progress: Pro
 
 
 # settings a checkpoint must be evaluated with: its architecture and its input processing
-ARCHITECTURE_KEYS = ("image_encoder", "image_encoder_kwargs", "text_encoder", "embed_dim", "image_res", "max_words")
+ARCHITECTURE_KEYS = (
+    "image_encoder",
+    "image_encoder_kwargs",
+    "text_encoder",
+    "embed_dim",
+    "image_res",
+    "max_words",
+)
 
 
 def adopt_architecture(cfg: Namespace, state: dict) -> None:
@@ -122,7 +161,9 @@ def adopt_architecture(cfg: Namespace, state: dict) -> None:
             setattr(cfg, key, saved[key])
 
 
-def evaluate_only(cfg: Namespace, model, evaluator: Evaluator, state: dict | None, progress: Progress) -> None:
+def evaluate_only(
+    cfg: Namespace, model, evaluator: Evaluator, state: dict | None, progress: Progress
+) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
         progress.epoch, progress.step = state["progress"]["epoch"], state["progress"]["step"]
@@ -135,13 +176,26 @@ def evaluate_only(cfg: Namespace, model, evaluator: Evaluator, state: dict | Non
                 print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
 
 
-def train(cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.device, run_log: RunLog) -> None:
+def train(
+    cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.device, run_log: RunLog
+) -> None:
     rank, world = parallel.rank(), parallel.world_size()
     data = build_train_data(
-        train_data=cfg.train_data, train_file=cfg.train_file, train_image_root=cfg.train_image_root,
-        train_num_samples=cfg.train_num_samples, data_size=cfg.data_size, tokenizer=tokenizer,
-        image_res=cfg.image_res, max_words=cfg.max_words, batch_size=cfg.batch_size_train, workers=cfg.workers,
-        seed=cfg.seed, rank=rank, world_size=world, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
+        train_data=cfg.train_data,
+        train_file=cfg.train_file,
+        train_image_root=cfg.train_image_root,
+        train_num_samples=cfg.train_num_samples,
+        data_size=cfg.data_size,
+        tokenizer=tokenizer,
+        image_res=cfg.image_res,
+        max_words=cfg.max_words,
+        batch_size=cfg.batch_size_train,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        crop_scale=cfg.crop_scale,
+        hflip=cfg.hflip,
         shuffle_buffer=cfg.shuffle_buffer,
     )
     if data.steps_per_epoch < 1:
@@ -152,7 +206,9 @@ def train(cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.
     loss_fn = build_loss(cfg.ita_type, data_size=cfg.data_size, **loss_hparams(cfg)).to(device)
     optimizer = build_optimizer(model, loss_fn, cfg.lr, cfg.weight_decay)
     total_steps = cfg.epochs * data.steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * data.steps_per_epoch)
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * data.steps_per_epoch)
+    )
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.lr, cfg.min_lr, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     amp_dtype = AMP_DTYPES[cfg.precision]
@@ -175,8 +231,13 @@ def train(cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.
 
     log.info(
         "training %s: %d epochs x %d steps, global batch %d (%d per rank x %d ranks), %d samples per epoch",
-        cfg.ita_type, cfg.epochs, data.steps_per_epoch, cfg.batch_size_train * world, cfg.batch_size_train,
-        world, data.num_samples,
+        cfg.ita_type,
+        cfg.epochs,
+        data.steps_per_epoch,
+        cfg.batch_size_train * world,
+        cfg.batch_size_train,
+        world,
+        data.num_samples,
     )
     table = []
     if progress.epoch == 0 and progress.step == 0:
@@ -188,9 +249,19 @@ def train(cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.
         data.set_epoch(epoch)
         loss_fn.set_epoch(epoch)
         summary = train_one_epoch(
-            model=ddp_model, loss_fn=loss_fn, loader=data.loader, steps=data.steps_per_epoch, optimizer=optimizer,
-            scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, device=device, progress=progress,
-            run_log=run_log, log_every=cfg.log_every, grad_clip=cfg.grad_clip,
+            model=ddp_model,
+            loss_fn=loss_fn,
+            loader=data.loader,
+            steps=data.steps_per_epoch,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            amp_dtype=amp_dtype,
+            device=device,
+            progress=progress,
+            run_log=run_log,
+            log_every=cfg.log_every,
+            grad_clip=cfg.grad_clip,
         )
         progress.epoch = epoch + 1  # epochs completed
         log.info("epoch %d: loss %.4f, %.1f samples/s", epoch, summary["loss"], summary["samples_per_s"])

@@ -44,56 +44,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default="./datasets", help="root that relative data paths are resolved against")
+    g.add_argument(
+        "--data_path", default="./datasets", help="root that relative data paths are resolved against"
+    )
     g.add_argument("--ann_path", default="clip_train", help="folder of the annotation JSON files")
-    g.add_argument("--train_data", help="webdataset shards: brace spec ('cc3m/{00000..00331}.tar'), a folder, or specs joined by '::'")
-    g.add_argument("--train_file", help="caption JSON training file (under --ann_path), instead of --train_data")
+    g.add_argument(
+        "--train_data",
+        help="webdataset shards: brace spec ('cc3m/{00000..00331}.tar'), a folder, or specs joined by '::'",
+    )
+    g.add_argument(
+        "--train_file", help="caption JSON training file (under --ann_path), instead of --train_data"
+    )
     g.add_argument("--train_image_root", help="image folder of --train_file")
-    g.add_argument("--train_num_samples", type=int, help="samples per epoch (default: counted from the shards' _stats.json)")
-    g.add_argument("--data_size", type=int, default=3318333, help="size N of the sample index space (CC3M: 3,318,333 rows)")
-    g.add_argument("--val_coco_file", default="coco_val.json", help="retrieval JSON for validation (under --ann_path); '' to skip")
-    g.add_argument("--test_coco_file", default="coco_test.json", help="retrieval JSON for testing (under --ann_path); '' to skip")
+    g.add_argument(
+        "--train_num_samples",
+        type=int,
+        help="samples per epoch (default: counted from the shards' _stats.json)",
+    )
+    g.add_argument(
+        "--data_size",
+        type=int,
+        default=3318333,
+        help="size N of the sample index space (CC3M: 3,318,333 rows)",
+    )
+    g.add_argument(
+        "--val_coco_file",
+        default="coco_val.json",
+        help="retrieval JSON for validation (under --ann_path); '' to skip",
+    )
+    g.add_argument(
+        "--test_coco_file",
+        default="coco_test.json",
+        help="retrieval JSON for testing (under --ann_path); '' to skip",
+    )
     g.add_argument("--coco_image_root", default="coco", help="image folder of the MSCOCO files")
     g.add_argument("--val_flickr_file", default="", help="Flickr30k validation JSON (under --ann_path)")
     g.add_argument("--test_flickr_file", default="", help="Flickr30k test JSON (under --ann_path)")
     g.add_argument("--flickr_image_root", default="flickr30k", help="image folder of the Flickr30k files")
-    g.add_argument("--zs_dataset", default="", help="zero-shot dataset: cifar10, cifar100, imagenet or imagefolder; '' to skip")
+    g.add_argument(
+        "--zs_dataset",
+        default="",
+        help="zero-shot dataset: cifar10, cifar100, imagenet or imagefolder; '' to skip",
+    )
     g.add_argument("--zs_datafolder", default="", help="folder of the zero-shot dataset")
     g.add_argument("--workers", type=int, default=8, help="data loader worker processes per rank")
     g.add_argument("--max_words", type=int, default=30, help="caption length cap, in words and in tokens")
-    g.add_argument("--crop_scale", type=float, nargs=2, default=(0.5, 1.0), help="RandomResizedCrop area range")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
+    g.add_argument(
+        "--crop_scale", type=float, nargs=2, default=(0.5, 1.0), help="RandomResizedCrop area range"
+    )
+    g.add_argument(
+        "--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips"
+    )
     g.add_argument("--shuffle_buffer", type=int, default=2000, help="samples in each worker's shuffle buffer")
 
     g = p.add_argument_group("model")
     g.add_argument("--image_encoder", default="resnet50", help="any timm model name")
-    g.add_argument("--image_encoder_kwargs", type=_dict_arg, default={}, help="extra timm.create_model arguments, e.g. '{img_size: 64}'")
-    g.add_argument("--text_encoder", default="distilbert-base-uncased", help="HF hub name or local folder (config + tokenizer)")
+    g.add_argument(
+        "--image_encoder_kwargs",
+        type=_dict_arg,
+        default={},
+        help="extra timm.create_model arguments, e.g. '{img_size: 64}'",
+    )
+    g.add_argument(
+        "--text_encoder",
+        default="distilbert-base-uncased",
+        help="HF hub name or local folder (config + tokenizer)",
+    )
     g.add_argument("--image_res", type=int, default=256, help="input image side, pixels")
     g.add_argument("--embed_dim", type=int, default=256, help="shared embedding dimension")
-    g.add_argument("--init_model", action="store_true", help="start both encoders from pretrained weights (library caches)")
+    g.add_argument(
+        "--init_model",
+        action="store_true",
+        help="start both encoders from pretrained weights (library caches)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", default="adamW", choices=["adamW", "adamw"], help="optimiser")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
-    g.add_argument("--weight_decay", type=float, default=0.02, help="AdamW weight decay (never on norms, biases, temperatures)")
-    g.add_argument("--sched", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule (per step)")
+    g.add_argument(
+        "--weight_decay",
+        type=float,
+        default=0.02,
+        help="AdamW weight decay (never on norms, biases, temperatures)",
+    )
+    g.add_argument(
+        "--sched", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule (per step)"
+    )
     g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear warm-up length in epochs")
-    g.add_argument("--warmup_steps", type=int, help="linear warm-up length in steps (overrides --warmup_epochs)")
+    g.add_argument(
+        "--warmup_steps", type=int, help="linear warm-up length in steps (overrides --warmup_epochs)"
+    )
     g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch_size_train", type=int, default=128, help="per-rank training batch; global batch = this x world size")
+    g.add_argument(
+        "--batch_size_train",
+        type=int,
+        default=128,
+        help="per-rank training batch; global batch = this x world size",
+    )
     g.add_argument("--batch_size_test", type=int, default=256, help="per-rank evaluation batch")
-    g.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
+    g.add_argument(
+        "--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)"
+    )
 
     g = p.add_argument_group("loss")
     names = sorted([*LOSSES, *LOSS_ALIASES])
     g.add_argument("--ita_type", default="isogclr", help=f"loss: one of {', '.join(names)}")
     g.add_argument("--temp", type=float, default=0.01, help="temperature of clip and sogclr")
     g.add_argument("--learnable_temp", action="store_true", help="clip: learn one global temperature")
-    g.add_argument("--sogclr_gamma", type=float, default=0.8, help="moving-average weight gamma (minimum under a schedule)")
+    g.add_argument(
+        "--sogclr_gamma",
+        type=float,
+        default=0.8,
+        help="moving-average weight gamma (minimum under a schedule)",
+    )
     g.add_argument("--gamma_schedule", default="constant", choices=["constant", "cosine"])
-    g.add_argument("--gamma_decay_epochs", type=int, default=1, help="epochs over which the cosine gamma schedule decays")
+    g.add_argument(
+        "--gamma_decay_epochs", type=int, default=1, help="epochs over which the cosine gamma schedule decays"
+    )
     g.add_argument("--tau_init", type=float, default=0.01, help="isogclr: initial per-sample temperature")
     g.add_argument("--tau_min", type=float, default=0.005)
     g.add_argument("--tau_max", type=float, default=1.0)
@@ -105,22 +173,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta_min", type=float, default=1e-4)
     g.add_argument("--eta_exp_base", type=float, default=0.8, help="lambda of the 'exp' eta schedule")
     g.add_argument("--beta_u", type=float, default=0.9, help="isogclr: momentum of the temperature gradient")
-    g.add_argument("--lr_tau", type=float, default=2e-4, help="fastclip_v3: learning rate of the global temperature")
+    g.add_argument(
+        "--lr_tau", type=float, default=2e-4, help="fastclip_v3: learning rate of the global temperature"
+    )
     g.add_argument("--rho", type=float, default=6.5, help="fastclip_v3: rho")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", help="where configs, logs and checkpoints go (default: output/run; with --evaluate --checkpoint: the checkpoint's folder)")
-    g.add_argument("--evaluate", action="store_true", help="evaluate only (with --checkpoint, or the initial model)")
-    g.add_argument("--checkpoint", help="checkpoint to evaluate (or to initialise training from, weights only)")
+    g.add_argument(
+        "--output_dir",
+        help="where configs, logs and checkpoints go (default: output/run; when evaluating a checkpoint: its folder)",
+    )
+    g.add_argument(
+        "--evaluate", action="store_true", help="evaluate only (with --checkpoint, or the initial model)"
+    )
+    g.add_argument(
+        "--checkpoint", help="checkpoint to evaluate (or to initialise training from, weights only)"
+    )
     g.add_argument("--resume", help="checkpoint to resume training from, or 'auto' (latest in --output_dir)")
     g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16 with a grad scaler on CUDA")
-    g.add_argument("--precision", choices=PRECISIONS, help="fp32, fp16 (CUDA) or bf16 (default: fp16 with --use_amp, else fp32)")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, fp16 (CUDA) or bf16 (default: fp16 with --use_amp, else fp32)",
+    )
     g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None, help="default: detected from the launcher's environment")
-    g.add_argument("--k_test", type=int, default=256, help="accepted for compatibility with the original scripts; unused")
+    g.add_argument(
+        "--distributed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: detected from the launcher's environment",
+    )
+    g.add_argument(
+        "--k_test", type=int, default=256, help="accepted for compatibility with the original scripts; unused"
+    )
     g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
-    g.add_argument("--eval_test_every_epoch", action="store_true", help="also evaluate the test split after every epoch")
+    g.add_argument(
+        "--eval_test_every_epoch", action="store_true", help="also evaluate the test split after every epoch"
+    )
     return p
 
 
@@ -195,7 +285,9 @@ def validate(cfg: argparse.Namespace) -> None:
         raise ConfigError("--data_size must be a positive number of sample indices (CC3M: 3318333)")
     if not cfg.evaluate:
         if bool(cfg.train_data) == bool(cfg.train_file):
-            raise ConfigError("give exactly one training source: --train_data (webdataset shards) or --train_file (caption JSON)")
+            raise ConfigError(
+                "give exactly one training source: --train_data (webdataset shards) or --train_file (caption JSON)"
+            )
         if cfg.train_file:
             _require_file(cfg.train_file, "--train_file")
             _require_dir(cfg.train_image_root, "--train_image_root")
@@ -227,9 +319,24 @@ def _require_dir(path: str | None, flag: str) -> None:
 def loss_hparams(cfg: argparse.Namespace) -> dict:
     """Every loss flag; ``build_loss`` hands each loss the ones it takes."""
     keys = (
-        "temp", "learnable_temp", "sogclr_gamma", "gamma_schedule", "gamma_decay_epochs", "tau_init", "tau_min",
-        "tau_max", "rho_I", "rho_T", "eta_init", "eta_sched", "eta_min", "eta_exp_base", "beta_u", "lr_tau",
-        "rho", "epochs",
+        "temp",
+        "learnable_temp",
+        "sogclr_gamma",
+        "gamma_schedule",
+        "gamma_decay_epochs",
+        "tau_init",
+        "tau_min",
+        "tau_max",
+        "rho_I",
+        "rho_T",
+        "eta_init",
+        "eta_sched",
+        "eta_min",
+        "eta_exp_base",
+        "beta_u",
+        "lr_tau",
+        "rho",
+        "epochs",
     )
     return {k: getattr(cfg, k) for k in keys}
 

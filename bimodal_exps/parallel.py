@@ -102,7 +102,9 @@ def _slurm_master_addr() -> str:
 
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+        )
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return "127.0.0.1"

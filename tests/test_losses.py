@@ -98,7 +98,9 @@ def buffers(loss_fn) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in loss_fn.state_dict().items()}
 
 
-def check_state(loss_fn, ref: GCLReference, individual_tau: bool, rtol: float, what: str, tau_floor: float) -> None:
+def check_state(
+    loss_fn, ref: GCLReference, individual_tau: bool, rtol: float, what: str, tau_floor: float
+) -> None:
     """Module buffers vs reference state: seen exactly, log u where seen, tau and m everywhere."""
     state = loss_fn.state_dict()
     for side, suffix in (("image", "I"), ("text", "T")):
@@ -117,7 +119,7 @@ def check_state(loss_fn, ref: GCLReference, individual_tau: bool, rtol: float, w
             # O(1) difference of O(1/tau) terms, so a logit error of ~2e-7/tau becomes ~1e-7/tau^2
             # in G (about 4e-3 at tau 0.005; a wrong formula is off by O(1)).
             want_m = torch.from_numpy(want.m)
-            m_rtol = max(rtol, 1e-7 / tau_floor ** 2)
+            m_rtol = max(rtol, 1e-7 / tau_floor**2)
             assert_matches(state[f"m_{suffix}"], want_m, m_rtol, f"{what} m_{suffix}", scale_floor=1.0)
 
 

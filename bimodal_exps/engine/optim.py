@@ -31,7 +31,9 @@ def param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float)
     ]
 
 
-def build_optimizer(model: nn.Module, loss_fn: nn.Module | None, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, loss_fn: nn.Module | None, lr: float, weight_decay: float
+) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, loss_fn, weight_decay), lr=lr)
 
 
@@ -45,7 +47,12 @@ def _lr_factor(step: int, warmup: int, total: int, min_ratio: float, cosine: boo
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, sched: str, lr: float, min_lr: float, warmup_steps: int, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    sched: str,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    total_steps: int,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at
     ``total_steps`` (or constant). Call ``step()`` once per optimiser step."""

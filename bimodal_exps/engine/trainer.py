@@ -39,16 +39,32 @@ def _to_float(value) -> float:
 
 
 def train_one_epoch(
-    *, model: nn.Module, loss_fn: nn.Module, loader, steps: int, optimizer: torch.optim.Optimizer,
-    scheduler, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, device: torch.device,
-    progress: Progress, run_log: RunLog, log_every: int, grad_clip: float = 0.0,
+    *,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    loader,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    progress: Progress,
+    run_log: RunLog,
+    log_every: int,
+    grad_clip: float = 0.0,
 ) -> dict[str, float]:
     """Run at most ``steps`` optimiser steps over ``loader``; all ranks stop together when any
     rank's data runs out. Returns the epoch's mean loss and throughput."""
     model.train()
     loss_fn.train()
     world = parallel.world_size()
-    bar = tqdm(total=steps, desc=f"epoch {progress.epoch}", disable=not parallel.is_main_process(), dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        desc=f"epoch {progress.epoch}",
+        disable=not parallel.is_main_process(),
+        dynamic_ncols=True,
+    )
     iterator = iter(loader)
     loss_sum = torch.zeros((), device=device)
     window = {"loss": torch.zeros((), device=device), "steps": 0, "samples": 0, "data_wait": 0.0}

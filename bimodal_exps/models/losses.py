@@ -197,7 +197,11 @@ class _AnchorTerms:
 
 
 def _gcl_anchor_terms(
-    sim: torch.Tensor, pos: torch.Tensor, tau: torch.Tensor, log_u: torch.Tensor, seen: torch.Tensor,
+    sim: torch.Tensor,
+    pos: torch.Tensor,
+    tau: torch.Tensor,
+    log_u: torch.Tensor,
+    seen: torch.Tensor,
     gamma: float,
 ) -> _AnchorTerms:
     """The SogCLR core for one direction (ALGORITHMS.md 2), for b local anchors.
@@ -241,12 +245,20 @@ class SogCLRLoss(ContrastiveLoss):
     """
 
     def __init__(
-        self, data_size: int, temp: float = 0.01, sogclr_gamma: float = 0.8,
-        gamma_schedule: str = "constant", gamma_decay_epochs: int = 1,
+        self,
+        data_size: int,
+        temp: float = 0.01,
+        sogclr_gamma: float = 0.8,
+        gamma_schedule: str = "constant",
+        gamma_decay_epochs: int = 1,
     ) -> None:
         super().__init__(data_size)
         self.temp = float(temp)
-        self.gamma, self.gamma_schedule, self.gamma_decay_epochs = sogclr_gamma, gamma_schedule, gamma_decay_epochs
+        self.gamma, self.gamma_schedule, self.gamma_decay_epochs = (
+            sogclr_gamma,
+            gamma_schedule,
+            gamma_decay_epochs,
+        )
         gamma_at(0, sogclr_gamma, gamma_schedule, gamma_decay_epochs)  # validates the schedule name
         for side in ("I", "T"):
             self.register_buffer(f"log_u_{side}", torch.zeros(data_size))
@@ -276,7 +288,11 @@ class SogCLRLoss(ContrastiveLoss):
         for side, sim, idx in (("I", batch.sim_img, image_idx), ("T", batch.sim_txt, text_idx)):
             tau = self._anchor_tau(side, idx)
             anchors = _gcl_anchor_terms(
-                sim, batch.pos, tau, getattr(self, f"log_u_{side}")[idx], getattr(self, f"seen_{side}")[idx],
+                sim,
+                batch.pos,
+                tau,
+                getattr(self, f"log_u_{side}")[idx],
+                getattr(self, f"seen_{side}")[idx],
                 gamma,
             )
             loss = loss + anchors.terms.mean()
@@ -289,7 +305,9 @@ class SogCLRLoss(ContrastiveLoss):
         return loss, {"gamma": gamma, **_floats(stats)}
 
 
-def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_base: float, epochs: int) -> float:
+def eta_at(
+    epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_base: float, epochs: int
+) -> float:
     """Temperature learning rate for a 0-based epoch (ALGORITHMS.md 3)."""
     if schedule == "const":
         return eta_init
@@ -304,15 +322,29 @@ class ISogCLRLoss(SogCLRLoss):
     """Robust GCL with a learned temperature per sample (ALGORITHMS.md 3)."""
 
     def __init__(
-        self, data_size: int, sogclr_gamma: float = 0.8, gamma_schedule: str = "constant",
-        gamma_decay_epochs: int = 1, tau_init: float = 0.01, tau_min: float = 0.005, tau_max: float = 1.0,
-        rho_I: float = 6.0, rho_T: float = 6.0, eta_init: float = 0.03, eta_sched: str = "const",
-        eta_min: float = 1e-4, eta_exp_base: float = 0.8, beta_u: float = 0.9, epochs: int = 30,
+        self,
+        data_size: int,
+        sogclr_gamma: float = 0.8,
+        gamma_schedule: str = "constant",
+        gamma_decay_epochs: int = 1,
+        tau_init: float = 0.01,
+        tau_min: float = 0.005,
+        tau_max: float = 1.0,
+        rho_I: float = 6.0,
+        rho_T: float = 6.0,
+        eta_init: float = 0.03,
+        eta_sched: str = "const",
+        eta_min: float = 1e-4,
+        eta_exp_base: float = 0.8,
+        beta_u: float = 0.9,
+        epochs: int = 30,
     ) -> None:
         super().__init__(data_size, tau_init, sogclr_gamma, gamma_schedule, gamma_decay_epochs)
         self.tau_min, self.tau_max = tau_min, tau_max
         self.rho = {"I": rho_I, "T": rho_T}
-        self.eta = dict(eta_init=eta_init, schedule=eta_sched, eta_min=eta_min, eta_exp_base=eta_exp_base, epochs=epochs)
+        self.eta = dict(
+            eta_init=eta_init, schedule=eta_sched, eta_min=eta_min, eta_exp_base=eta_exp_base, epochs=epochs
+        )
         self.beta = beta_u
         eta_at(0, **self.eta)  # validates the schedule name
         for side in ("I", "T"):

@@ -16,7 +16,9 @@ class PretrainedUnavailableError(RuntimeError):
     """Weights, a config or a tokenizer could not be loaded (typically: offline, not cached)."""
 
 
-def _offline_help(what: str, fill_cache: str, original: Exception, weights: bool) -> PretrainedUnavailableError:
+def _offline_help(
+    what: str, fill_cache: str, original: Exception, weights: bool
+) -> PretrainedUnavailableError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     return PretrainedUnavailableError(
         f"could not load {what} ({type(original).__name__}: {str(original).splitlines()[0][:200]}). "
@@ -84,6 +86,10 @@ class CLIPModel(nn.Module):
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int) -> None:
         super().__init__()
+        if getattr(text_encoder, "pooler", None) is not None:
+            # BERT-style pooler head: unused (the first token represents the text), and unused
+            # parameters would stall DistributedDataParallel.
+            text_encoder.pooler = None
         self.visual = image_encoder
         self.text_encoder = text_encoder
         self.vision_proj = nn.Linear(image_encoder.num_features, embed_dim)
@@ -105,7 +111,10 @@ class CLIPModel(nn.Module):
 
 
 def build_model(
-    image_encoder: str, text_encoder: str, embed_dim: int, init_model: bool = False,
+    image_encoder: str,
+    text_encoder: str,
+    embed_dim: int,
+    init_model: bool = False,
     image_encoder_kwargs: dict | None = None,
 ) -> CLIPModel:
     """The CLIP model; ``init_model`` loads both encoders' pretrained weights from the libraries' caches."""

@@ -1,0 +1,141 @@
+"""From one decoded sample to a training batch, shared by the shard and caption-JSON readers.
+
+A reader turns each of its samples into a :class:`Pair` (decoding with :func:`load_rgb`,
+augmenting with :func:`augment_seeded`) and hands lists of pairs to a
+:class:`TokenizingCollator`, which runs in the loader workers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.transforms import pre_caption
+
+# Images with more pixels than this are skipped from their header, before decoding.
+MAX_PIXELS = 50_000_000
+
+
+class BadSampleError(Exception):
+    """A sample that cannot be used; ``kind`` names the reason in the ``skipped`` counts."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One augmented image-caption pair.
+
+    ``image``: float32 [3, H, W]; ``caption``: already cleaned by ``pre_caption``;
+    ``skipped``: bad samples (per kind) passed over to obtain this pair.
+    """
+
+    image: torch.Tensor
+    caption: str
+    image_idx: int
+    text_idx: int
+    skipped: Mapping[str, int] = field(default_factory=dict)
+
+
+def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes or an image file into an RGB PIL image.
+
+    Raises ``BadSampleError("huge_image")`` when the header announces more than ``max_pixels``
+    pixels (nothing is decoded then) and ``BadSampleError("bad_image")`` when the data is not a
+    decodable image (unknown format, truncated, corrupt).
+    """
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        image = Image.open(stream)  # reads the header only
+    except Image.DecompressionBombError as error:
+        raise BadSampleError("huge_image", str(error)) from error
+    except Exception as error:
+        raise BadSampleError("bad_image", _describe(error)) from error
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadSampleError("huge_image", f"{width}x{height} pixels")
+        try:
+            return image.convert("RGB")
+        except Exception as error:
+            raise BadSampleError("bad_image", _describe(error)) from error
+
+
+def _describe(error: Exception) -> str:
+    # PIL signals corrupt data with many exception types (OSError, SyntaxError, ValueError,
+    # EOFError, struct.error, ...), so callers catch them all and keep the type for the log.
+    return f"{type(error).__name__}: {error}"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed mixed from non-negative integers (seed, epoch, rank, ...)."""
+    return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0])
+
+
+def augment_seeded(
+    transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int
+) -> torch.Tensor:
+    """Apply a torchvision transform with its random draws fixed by ``seed``.
+
+    torchvision draws from torch's default CPU generator. Its state is restored afterwards so
+    the caller's random stream is untouched (this also runs in the main process when
+    ``workers=0``), and each sample's augmentation is independent of the samples before it.
+    """
+    # torch.manual_seed would also reseed every accelerator, which costs ~0.2 ms per call.
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(saved)
+
+
+def clean_caption(text: str, max_words: int) -> str:
+    """``pre_caption`` that raises ``BadSampleError("empty_caption")`` when nothing is left."""
+    caption = pre_caption(text, max_words)
+    if not caption:
+        raise BadSampleError("empty_caption", repr(text[:80]))
+    return caption
+
+
+class TokenizingCollator:
+    """List of pairs -> batch dict; tokenises here so the work happens in loader workers.
+
+    Batch: ``image`` float32 [b, 3, H, W]; ``input_ids``, ``attention_mask`` long [b, L]
+    (L = longest caption in the batch, at most ``max_words`` tokens); ``image_idx``,
+    ``text_idx`` long [b]; ``skipped`` dict kind -> count (empty when none).
+    """
+
+    def __init__(self, tokenizer, max_words: int):
+        self.tokenizer = tokenizer
+        self.max_words = max_words
+
+    def __call__(self, pairs: Sequence[Pair]) -> dict:
+        tokens = self.tokenizer(
+            [p.caption for p in pairs],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_words,
+            return_tensors="pt",
+        )
+        skipped: Counter[str] = Counter()
+        for p in pairs:
+            skipped.update(p.skipped)
+        return {
+            "image": torch.stack([p.image for p in pairs]),
+            "input_ids": tokens["input_ids"].long(),
+            "attention_mask": tokens["attention_mask"].long(),
+            "image_idx": torch.tensor([p.image_idx for p in pairs], dtype=torch.long),
+            "text_idx": torch.tensor([p.text_idx for p in pairs], dtype=torch.long),
+            "skipped": dict(skipped),
+        }

@@ -1,0 +1,133 @@
+"""clip.py end to end on the tiny synthetic dataset: train, checkpoint, resume, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import clip
+from tiny_run import tiny_run_args
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def steps_per_epoch(root, batch_size: int = 32) -> int:
+    """Full batches in one epoch: the samples img2dataset's stats files count, over the batch size."""
+    return sum(json.loads(p.read_text())["successes"] for p in (root / "train").glob("*_stats.json")) // batch_size
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """One 2-epoch isogclr run, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "isogclr"
+    assert (
+        clip.main(
+            tiny_run_args(tiny_dataset, out, ita_type="isogclr", zs_dataset="imagefolder", zs_datafolder="zeroshot")
+        )
+        == 0
+    )
+    return out
+
+
+def test_run_writes_every_output(trained, tiny_dataset):
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["ita_type"] == "isogclr" and config["epochs"] == 2
+    for name in ("checkpoint_latest.pth", "checkpoint_0.pth", "checkpoint_1.pth", "checkpoint_best.pth", "train.log"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+
+    lines = read_jsonl(trained / "log.jsonl")
+    steps = [line["step"] for line in lines]
+    assert steps == sorted(steps) and steps[-1] == 2 * steps_per_epoch(tiny_dataset)
+    for key in ("epoch", "lr", "loss", "tau_I", "tau_T", "grad_tau_I", "gamma", "eta", "samples_per_s", "data_wait_s"):
+        assert key in lines[-1], key
+
+    evals = read_jsonl(trained / "eval.jsonl")
+    tags = [(e["tag"], e["dataset"]) for e in evals]
+    assert ("untrained", "synthetic_test") in tags and ("final", "synthetic_test") in tags
+    assert [e["epoch"] for e in evals if e["tag"] == "epoch"] == [1, 2]
+    assert ("final", "imagefolder") in tags
+    for e in evals:
+        if "r_mean" in e:
+            assert 0 <= e["r_mean"] <= 100
+            assert e["r_mean"] == pytest.approx((e["txt_r_mean"] + e["img_r_mean"]) / 2)
+
+
+def test_checkpoint_holds_the_run_state(trained, tiny_dataset):
+    state = torch.load(trained / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert {"model", "loss", "optimizer", "scheduler", "scaler", "progress", "best", "config"} <= set(state)
+    assert state["progress"] == {"epoch": 2, "step": 2 * steps_per_epoch(tiny_dataset)}
+    assert {"tau_I", "tau_T", "log_u_I", "log_u_T", "m_I", "m_T", "seen_I", "seen_T"} <= set(state["loss"])
+    # the temperatures learned: some moved away from tau_init
+    seen = state["loss"]["seen_I"]
+    assert seen.sum() > 300
+    assert (state["loss"]["tau_I"][seen] - 0.05).abs().max() > 1e-3
+    assert state["scheduler"]["last_epoch"] == 2 * steps_per_epoch(tiny_dataset)
+
+
+def test_evaluate_reproduces_the_validation_metrics(trained, tiny_dataset, capsys):
+    """--evaluate on the epoch-1 checkpoint gives exactly the metrics logged for it in training."""
+    logged = next(e for e in read_jsonl(trained / "eval.jsonl") if e["tag"] == "epoch" and e["epoch"] == 2)
+    capsys.readouterr()
+    args = tiny_run_args(
+        tiny_dataset,
+        trained,
+        evaluate=True,
+        checkpoint=trained / "checkpoint_1.pth",
+        image_encoder="resnet18",
+        embed_dim=8,
+    )  # the checkpoint's own settings win
+    assert clip.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic_val" in printed and "r_mean" in printed
+    evaluated = [e for e in read_jsonl(trained / "eval.jsonl") if e["tag"] == "evaluate"]
+    val = next(e for e in evaluated if e["dataset"] == "synthetic_val")
+    assert val["r_mean"] == logged["r_mean"] and val["txt_r1"] == logged["txt_r1"]
+    assert f"{val['r_mean']:.2f}" in printed
+
+
+@pytest.mark.parametrize("loss", ["clip", "sogclr"])
+def test_other_losses_train(tiny_dataset, tmp_path, loss):
+    out = tmp_path / loss
+    assert clip.main(tiny_run_args(tiny_dataset, out, ita_type=loss, epochs=1, learnable_temp=loss == "clip")) == 0
+    lines = read_jsonl(out / "log.jsonl")
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+    state = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    if loss == "clip":
+        assert "temp" in state["loss"] and state["loss"]["temp"] != pytest.approx(0.05)
+    else:
+        assert state["loss"]["seen_I"].sum() > 300
+
+
+def test_resume_continues_from_the_latest_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "resume"
+    assert clip.main(tiny_run_args(tiny_dataset, out, ita_type="sogclr", epochs=1)) == 0
+    first = read_jsonl(out / "log.jsonl")
+    assert clip.main(tiny_run_args(tiny_dataset, out, ita_type="sogclr", epochs=2, resume="auto")) == 0
+    lines = read_jsonl(out / "log.jsonl")
+    assert lines[: len(first)] == first
+    assert [line["epoch"] for line in lines[len(first) :]] and all(line["epoch"] == 1 for line in lines[len(first) :])
+    state = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert state["progress"] == {"epoch": 2, "step": 2 * steps_per_epoch(tiny_dataset)}
+    untrained = [e for e in read_jsonl(out / "eval.jsonl") if e["tag"] == "untrained"]
+    assert len(untrained) == 1  # the resumed run does not evaluate the untrained model again
+
+
+def test_caption_json_training_source(tiny_dataset, tmp_path):
+    out = tmp_path / "json"
+    args = tiny_run_args(
+        tiny_dataset,
+        out,
+        train_data=None,
+        train_file="synthetic_train.json",
+        train_image_root="images",
+        epochs=1,
+        batch_size_train=16,
+    )
+    assert clip.main(args) == 0
+    assert read_jsonl(out / "log.jsonl")[-1]["step"] == 64 // 16

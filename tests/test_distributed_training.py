@@ -1,0 +1,168 @@
+"""Training steps on W gloo ranks equal one process on the global batch (ALGORITHMS.md 7, TARGETS R8).
+
+Each child process first computes the single-process reference (before it joins the process
+group), then runs the same steps with DistributedDataParallel on its slice of every global
+batch, through the real training loop (engine.trainer.train_one_epoch). Plain SGD with lr 1
+makes each step's parameter change equal to minus the gradient, so comparing the changes
+compares the parameter gradients; the loss state and the logged loss are compared too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import traceback
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+from transformers import BertConfig, BertModel
+
+from engine.run_log import RunLog
+from engine.trainer import Progress, train_one_epoch
+from models.losses import build_loss
+from models.model_clip import CLIPModel
+
+GLOBAL_BATCH, STEPS, DATA_SIZE = 12, 3, 30
+LOSS_SETUPS = {
+    "clip": {"temp": 0.05},
+    "clip_learnable": {"temp": 0.05, "learnable_temp": True},
+    "sogclr": {"temp": 0.05},
+    "isogclr": {"tau_init": 0.03, "eta_init": 0.5, "rho_I": 2.0, "rho_T": 2.5},
+}
+
+
+def tiny_model() -> CLIPModel:
+    torch.manual_seed(0)
+    image = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2
+    )
+    text = BertModel(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    return CLIPModel(image, text, embed_dim=8)
+
+
+def global_batches() -> list[dict]:
+    """STEPS global batches; indices repeat across steps and, in the last step, across ranks."""
+    g = torch.Generator().manual_seed(1)
+    index_sets = [
+        list(range(12)),
+        [3, 14, 5, 16, 7, 18, 9, 20, 11, 22, 0, 24],
+        [1, 25, 2, 26, 25, 27, 4, 28, 1, 29, 6, 2],
+    ]
+    batches = []
+    for idx in index_sets[:STEPS]:
+        batches.append(
+            {
+                "image": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
+                "input_ids": torch.randint(1, 40, (GLOBAL_BATCH, 7), generator=g),
+                "attention_mask": torch.ones(GLOBAL_BATCH, 7, dtype=torch.long),
+                "image_idx": torch.tensor(idx),
+                "text_idx": torch.tensor(idx[::-1]),
+            }
+        )
+    return batches
+
+
+def run_steps(model, loss_fn, batches, tmp_dir) -> tuple[list[dict], list[float]]:
+    """One train_one_epoch call per batch; returns each step's parameter changes and logged loss."""
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run_log = RunLog(tmp_dir, enabled=False)
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    deltas, losses, progress = [], [], Progress()
+    for batch in batches:
+        before = {k: v.detach().clone() for k, v in module.named_parameters()}
+        before.update({f"loss.{k}": v.detach().clone() for k, v in loss_fn.named_parameters()})
+        summary = train_one_epoch(
+            model=model,
+            loss_fn=loss_fn,
+            loader=[batch],
+            steps=1,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            amp_dtype=None,
+            device=torch.device("cpu"),
+            progress=progress,
+            run_log=run_log,
+            log_every=1,
+        )
+        after = dict(module.named_parameters()) | {f"loss.{k}": v for k, v in loss_fn.named_parameters()}
+        deltas.append({k: (after[k].detach() - before[k]) for k in before})
+        losses.append(summary["loss"])
+    return deltas, losses
+
+
+def slice_batch(batch: dict, rank: int, world: int) -> dict:
+    b = GLOBAL_BATCH // world
+    return {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
+
+
+def child(rank: int, world: int, port: int, tmp_dir: str) -> None:
+    """Single-process references for every set-up first (no process group yet), then the ranks."""
+    torch.set_num_threads(1)
+    problems = []
+    try:
+        runs = {}
+        for setup, hp in LOSS_SETUPS.items():
+            model, loss_fn = tiny_model(), build_loss(setup.split("_")[0], DATA_SIZE, **hp)
+            fresh = copy.deepcopy(model), copy.deepcopy(loss_fn)  # before the reference steps change them
+            runs[setup] = (*fresh, run_steps(model, loss_fn, global_batches(), tmp_dir), loss_fn)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        for setup, (model, loss_fn, (want_deltas, want_losses), ref_loss) in runs.items():
+            batches = [slice_batch(b, rank, world) for b in global_batches()]
+            deltas, losses = run_steps(DistributedDataParallel(model), loss_fn, batches, tmp_dir)
+            for step, (got, want) in enumerate(zip(deltas, want_deltas, strict=True)):
+                problems += [f"{setup} step {step}: gradient of {k}" for k in want if not close(got[k], want[k])]
+            problems += [
+                f"{setup}: loss {g} != {w}"
+                for g, w in zip(losses, want_losses, strict=True)
+                if abs(g - w) > 1e-5 * max(1.0, abs(w))
+            ]
+            got_state, want_state = loss_fn.state_dict(), ref_loss.state_dict()
+            problems += [
+                f"{setup}: loss state {k}"
+                for k in want_state
+                if not close(got_state[k].double(), want_state[k].double())
+            ]
+    except Exception:
+        problems.append(traceback.format_exc())
+    with open(os.path.join(tmp_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"problems": problems}, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_match_single_process(tmp_path, world):
+    """Every loss set-up, 3 steps: parameter gradients, loss values and loss state."""
+    mp.spawn(child, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        problems = json.loads((tmp_path / f"rank{rank}.json").read_text())["problems"]
+        assert not problems, f"rank {rank}: {problems}"
