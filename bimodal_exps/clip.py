@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import sys
+import traceback
 from argparse import Namespace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from engine.checkpoint import (
 )
 from engine.optim import build_optimizer, build_scheduler
 from engine.run_log import RunLog, setup_logging
+from engine.temperatures import save_temperatures
 from engine.trainer import Progress, train_one_epoch
 from evaluation.retrieval import evaluate_retrieval, format_recall_table
 from evaluation.zeroshot import evaluate_zeroshot
@@ -278,6 +280,8 @@ def train(
                 best = {"r_mean": val[0], "epoch": epoch}
                 state["best"] = best
             save_checkpoint(state, epoch_path)
+            if hasattr(loss_fn, "temperatures"):
+                save_temperatures(loss_fn.temperatures(), cfg.output_dir, epoch)
             copy_checkpoint(epoch_path, Path(cfg.output_dir) / LATEST)
             if is_best or not val:
                 copy_checkpoint(epoch_path, Path(cfg.output_dir) / BEST)
@@ -339,14 +343,18 @@ def _user_message(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = None
     try:
         cfg = parse_config(argv)
         run(cfg)
     except (ConfigError, FileNotFoundError, PretrainedUnavailableError, ValueError) as err:
         if os.environ.get("CLIP_DEBUG"):
             raise
-        logging.getLogger("clip").debug("fatal error", exc_info=True)
         print(f"error: {_user_message(err)}", file=sys.stderr)
+        if cfg is not None and parallel.is_main_process() and os.path.isdir(cfg.output_dir):
+            # the traceback goes to the run's log only, so the console shows one clear message
+            with open(os.path.join(cfg.output_dir, "train.log"), "a") as f:
+                f.write("fatal error (CLIP_DEBUG=1 re-raises it):\n" + traceback.format_exc())
         return 2
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -40,6 +41,10 @@ def test_run_writes_every_output(trained, tiny_dataset):
     for name in ("checkpoint_latest.pth", "checkpoint_0.pth", "checkpoint_1.pth", "checkpoint_best.pth", "train.log"):
         assert (trained / name).is_file(), name
     assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    snapshot = np.load(trained / "temperatures" / "epoch_1.npz")
+    assert len(snapshot["image_index"]) == len(snapshot["image_tau"]) > 300
+    assert (snapshot["text_tau"] >= 0.005).all() and (snapshot["text_tau"] <= 1.0).all()
+    assert (trained / "temperatures" / "epoch_1.png").stat().st_size > 1000
 
     lines = read_jsonl(trained / "log.jsonl")
     steps = [line["step"] for line in lines]

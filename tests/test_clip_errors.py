@@ -25,7 +25,7 @@ def run_failing(args, capsys) -> str:
 
 def test_missing_shards(tiny_dataset, tmp_path, capsys):
     message = run_failing(tiny_run_args(tiny_dataset, tmp_path / "o", train_data="train/{00000..00009}.tar"), capsys)
-    assert "00009.tar" in message and "not found" in message
+    assert "00005.tar" in message and "6 shard path(s)" in message and "not found" in message
     assert not (tmp_path / "o" / "checkpoint_latest.pth").exists()
 
 
@@ -56,7 +56,7 @@ def test_missing_image_files(tiny_dataset, tmp_path, capsys):
 
 def test_index_beyond_data_size(tiny_dataset, tmp_path, capsys):
     message = run_failing(tiny_run_args(tiny_dataset, tmp_path / "o", data_size=150), capsys)
-    assert "--data_size" in message
+    assert "--data_size" in message and "at least 400" in message  # the largest key is 399
     assert not (tmp_path / "o" / "log.jsonl").exists()
 
 

@@ -81,9 +81,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0])
 
 
-def augment_seeded(
-    transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int
-) -> torch.Tensor:
+def augment_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
     """Apply a torchvision transform with its random draws fixed by ``seed``.
 
     torchvision draws from torch's default CPU generator. Its state is restored afterwards so

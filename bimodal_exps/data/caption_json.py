@@ -50,9 +50,7 @@ def read_caption_rows(ann_file: str) -> list[tuple[str, str, object]]:
     parsed = []
     for n, row in enumerate(rows):
         if not isinstance(row, dict) or not {"image", "caption", "image_id"} <= row.keys():
-            raise ValueError(
-                f"row {n} of {ann_file} needs the keys 'image', 'caption' and 'image_id': {row!r}"
-            )
+            raise ValueError(f"row {n} of {ann_file} needs the keys 'image', 'caption' and 'image_id': {row!r}")
         if not isinstance(row["image"], str) or not isinstance(row["caption"], str):
             raise ValueError(f"row {n} of {ann_file}: 'image' and 'caption' must be strings: {row!r}")
         parsed.append((row["image"], row["caption"], row["image_id"]))
@@ -89,9 +87,7 @@ class CaptionJsonDataset(Dataset):
         try:
             self.image_idx = np.array([dense.setdefault(r[2], len(dense)) for r in rows], dtype=np.int64)
         except TypeError as error:
-            raise ValueError(
-                f"{ann_file}: every 'image_id' must be a string or a number ({error})"
-            ) from error
+            raise ValueError(f"{ann_file}: every 'image_id' must be a string or a number ({error})") from error
         self.paths = _Strings(r[0] for r in rows)
         self.captions = _Strings(r[1] for r in rows)
         self.num_images = len(dense)

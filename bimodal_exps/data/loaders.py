@@ -13,7 +13,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data.batching import BadSampleError, TokenizingCollator
 from data.caption_json import CaptionJsonDataset
-from data.shards import ShardStream, count_samples, decode_sample, expand_shards, read_shard
+from data.shards import (
+    ShardStream,
+    check_keys_from_metadata,
+    count_samples,
+    decode_sample,
+    expand_shards,
+    read_shard,
+)
 from data.transforms import train_transform
 
 # Raw samples read before giving up on finding one usable sample at start-up.
@@ -73,9 +80,7 @@ def build_train_data(
     sample is looked for, before this returns.
     """
     if (train_data is None) == (train_file is None):
-        raise ValueError(
-            "give exactly one of --train_data (webdataset shards) and --train_file (caption JSON)"
-        )
+        raise ValueError("give exactly one of --train_data (webdataset shards) and --train_file (caption JSON)")
     _check_settings(
         data_size=data_size,
         batch_size=batch_size,
@@ -114,19 +119,16 @@ def build_train_data(
             world_size=world_size,
             shuffle_buffer=shuffle_buffer,
         )
+        check_keys_from_metadata(shards, data_size)
         _probe_shards(shards, data_size, transform, max_words)
         # batch_size=None: the stream yields whole batches, each from a single worker.
         loader = DataLoader(stream, batch_size=None, **loader_options)
         epoch_aware: list[_EpochAware] = [stream]
     else:
         if train_num_samples is not None:
-            raise ValueError(
-                "--train_num_samples applies to --train_data shards; a --train_file epoch is all its rows"
-            )
+            raise ValueError("--train_num_samples applies to --train_data shards; a --train_file epoch is all its rows")
         if train_image_root is None:
-            raise ValueError(
-                "--train_file needs --train_image_root, the folder its image paths are relative to"
-            )
+            raise ValueError("--train_file needs --train_image_root, the folder its image paths are relative to")
         dataset = CaptionJsonDataset(
             train_file,
             train_image_root,
@@ -140,9 +142,7 @@ def build_train_data(
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
-        loader = DataLoader(
-            dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=True, **loader_options
-        )
+        loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=True, **loader_options)
         epoch_aware = [sampler, dataset]
 
     steps_per_epoch = num_samples // (batch_size * world_size)  # may be 0: the caller decides

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import braceexpand
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
@@ -93,6 +94,31 @@ def count_samples(shards: list[str]) -> int | None:
     return total
 
 
+def check_keys_from_metadata(shards: list[str], data_size: int) -> int | None:
+    """Largest sample key listed in the ``.parquet`` metadata beside the shards (img2dataset
+    writes one per tar), checked against ``data_size`` before any sample is read.
+
+    Returns None when some shard has no parquet file; the keys are then checked as samples
+    are read.
+    """
+    largest, where = -1, None
+    for shard in shards:
+        path = os.path.splitext(shard)[0] + ".parquet"
+        if not os.path.isfile(path):
+            return None
+        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+        for key in keys:
+            if key is not None and _KEY.fullmatch(str(key)) and int(key) > largest:
+                largest, where = int(key), path
+    if largest >= data_size:
+        raise ValueError(
+            f"the shard metadata lists sample keys up to {largest} (in {where}), outside the index space "
+            f"of --data_size {data_size}; set --data_size to at least {largest + 1} "
+            "(the number of rows of the input metadata)"
+        )
+    return largest
+
+
 @dataclass
 class RawSample:
     """Undecoded sample: the members it needs, by lower-case suffix (``jpg``, ``txt``, ...)."""
@@ -104,9 +130,7 @@ class RawSample:
 def sample_index(key: str, shard: str, data_size: int) -> int:
     """``int(KEY)``, checked to be a decimal key inside ``[0, data_size)``."""
     if not _KEY.fullmatch(key):
-        raise ValueError(
-            f"sample key {key!r} in shard {shard} is not a decimal number (img2dataset keys are)"
-        )
+        raise ValueError(f"sample key {key!r} in shard {shard} is not a decimal number (img2dataset keys are)")
     index = int(key)
     if index >= data_size:
         raise ValueError(
@@ -162,9 +186,7 @@ def shuffle_buffered(items: Iterable, size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def decode_sample(
-    raw: RawSample, transform: Callable[[Image.Image], torch.Tensor], max_words: int, seed: int
-) -> Pair:
+def decode_sample(raw: RawSample, transform: Callable[[Image.Image], torch.Tensor], max_words: int, seed: int) -> Pair:
     """Raw sample -> augmented ``Pair``; raises ``BadSampleError`` naming what is wrong."""
     members = raw.members
     suffix = next((s for s in IMAGE_SUFFIXES if s in members), None)
@@ -249,9 +271,7 @@ class ShardStream(IterableDataset):
         # resume can skip raw samples without decoding them.
         for position, sample in enumerate(shuffled):
             try:
-                pair = decode_sample(
-                    sample, self.transform, self.max_words, derive_seed(*stream_seed, position)
-                )
+                pair = decode_sample(sample, self.transform, self.max_words, derive_seed(*stream_seed, position))
             except BadSampleError as bad:
                 skipped[bad.kind] += 1
                 continue

@@ -403,9 +403,7 @@ def write_text_encoder(out_dir: Path, corpus: Sequence[str], config: SyntheticCo
     from transformers import BertConfig, BertTokenizerFast
 
     vocabulary = wordpiece_vocabulary(corpus)
-    tokenizer = BertTokenizerFast(
-        tokenizer_object=build_tokenizer(vocabulary), model_max_length=TEXT_MAX_POSITIONS
-    )
+    tokenizer = BertTokenizerFast(tokenizer_object=build_tokenizer(vocabulary), model_max_length=TEXT_MAX_POSITIONS)
     tokenizer.save_pretrained(out_dir)
     BertConfig(
         vocab_size=len(vocabulary),
@@ -455,16 +453,13 @@ def _write_dataset(root: Path, config: SyntheticConfig, workers: int) -> dict:
     tasks += [
         (
             split,
-            functools.partial(
-                write_eval_images, root, config, split, start, scenes[start : start + EVAL_CHUNK]
-            ),
+            functools.partial(write_eval_images, root, config, split, start, scenes[start : start + EVAL_CHUNK]),
         )
         for split, scenes in eval_scenes.items()
         for start in range(0, config.eval_size, EVAL_CHUNK)
     ]
     tasks += [
-        ("zeroshot", functools.partial(write_zeroshot_class, root, config, c))
-        for c in range(len(ZEROSHOT_CLASSES))
+        ("zeroshot", functools.partial(write_zeroshot_class, root, config, c)) for c in range(len(ZEROSHOT_CLASSES))
     ]
     outputs: dict[str, list] = {"train": [], "val": [], "test": [], "zeroshot": []}
     for (group, _), result in zip(tasks, _run_tasks([task for _, task in tasks], workers), strict=True):
@@ -636,9 +631,7 @@ def ensure_synthetic_dataset(
         if manifest is not None and not force:
             old = manifest.get("parameters") or {}
             changed = sorted(k for k, v in dataclasses.asdict(config).items() if old.get(k) != v)
-            logger.info(
-                "synthetic dataset at %s differs in %s (or is incomplete): regenerating it", root, changed
-            )
+            logger.info("synthetic dataset at %s differs in %s (or is incomplete): regenerating it", root, changed)
         return _generate(root, config, workers)
 
 
@@ -656,12 +649,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=defaults.train_size,
         help="training metadata rows (samples + failures)",
     )
-    parser.add_argument(
-        "--shard_size", type=int, default=defaults.shard_size, help="metadata rows per train shard"
-    )
-    parser.add_argument(
-        "--eval_size", type=int, default=defaults.eval_size, help="images in each of val and test"
-    )
+    parser.add_argument("--shard_size", type=int, default=defaults.shard_size, help="metadata rows per train shard")
+    parser.add_argument("--eval_size", type=int, default=defaults.eval_size, help="images in each of val and test")
     parser.add_argument("--image_size", type=int, default=defaults.image_size, help="image side in pixels")
     parser.add_argument(
         "--zeroshot_per_class",
@@ -684,9 +673,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--text_hidden", type=int, default=defaults.text_hidden, help="BERT hidden size")
     parser.add_argument("--text_layers", type=int, default=defaults.text_layers, help="BERT layers")
     parser.add_argument("--text_heads", type=int, default=defaults.text_heads, help="BERT attention heads")
-    parser.add_argument(
-        "--workers", type=int, default=2, help="processes drawing images (files do not depend on it)"
-    )
+    parser.add_argument("--workers", type=int, default=2, help="processes drawing images (files do not depend on it)")
     parser.add_argument("--force", action="store_true", help="regenerate even if a matching dataset exists")
     return parser.parse_args(argv)
 

@@ -88,8 +88,7 @@ class Scene:
         return {
             "background": self.background,
             "objects": [
-                {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position}
-                for o in self.objects
+                {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position} for o in self.objects
             ],
         }
 

@@ -28,9 +28,7 @@ def train_transform(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """RGB PIL image -> normalised float tensor [3, image_res, image_res]."""
     steps: list = [
-        transforms.RandomResizedCrop(
-            image_res, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC
-        )
+        transforms.RandomResizedCrop(image_res, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC)
     ]
     if hflip:
         steps.append(transforms.RandomHorizontalFlip())

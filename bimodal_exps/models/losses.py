@@ -358,6 +358,14 @@ class ISogCLRLoss(SogCLRLoss):
     def _anchor_tau(self, side, idx):
         return getattr(self, f"tau_{side}")[idx]
 
+    def temperatures(self) -> dict[str, torch.Tensor]:
+        """Learned temperatures of the samples seen so far: {"image"/"text": (indices [n], tau [n])}."""
+        out = {}
+        for side, name in (("I", "image"), ("T", "text")):
+            idx = getattr(self, f"seen_{side}").nonzero().flatten()
+            out[name] = (idx.cpu(), getattr(self, f"tau_{side}")[idx].cpu())
+        return out
+
     def _update_tau(self, side, idx, tau, anchors, stats):
         grad_tau = anchors.tau_gradient(self.rho[side])  # d/dtau of the KL-DRO objective at u
         stats[f"grad_tau_{side}"] = grad_tau.mean()
