@@ -16,6 +16,7 @@ import random
 import sys
 import traceback
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,81 +57,62 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_eval_splits(cfg: Namespace) -> dict[str, RetrievalSplit]:
-    """Retrieval splits by name (the JSON file's stem, e.g. 'coco_val'), validation first."""
-    splits = {}
-    for flag, root in (
-        ("val_coco_file", cfg.coco_image_root),
-        ("val_flickr_file", cfg.flickr_image_root),
-        ("test_coco_file", cfg.coco_image_root),
-        ("test_flickr_file", cfg.flickr_image_root),
+@dataclass
+class EvalSplit:
+    name: str  # the JSON file's stem, e.g. "coco_test"
+    kind: str  # "val" or "test"
+    split: RetrievalSplit
+
+
+def load_eval_splits(cfg: Namespace) -> list[EvalSplit]:
+    """The configured retrieval splits (validation ones first); images are checked up front."""
+    splits = []
+    for kind, flag, root in (
+        ("val", "val_coco_file", cfg.coco_image_root),
+        ("val", "val_flickr_file", cfg.flickr_image_root),
+        ("test", "test_coco_file", cfg.coco_image_root),
+        ("test", "test_flickr_file", cfg.flickr_image_root),
     ):
         path = getattr(cfg, flag)
         if path:
-            splits[Path(path).stem] = load_retrieval_split(path, root)
+            splits.append(EvalSplit(Path(path).stem, kind, load_retrieval_split(path, root)))
     return splits
 
 
 class Evaluator:
-    """Evaluates the model on the configured retrieval splits and zero-shot set, logs each result."""
+    """Evaluates on the configured retrieval splits (and zero-shot set) and logs every result."""
 
-    def __init__(self, cfg: Namespace, splits: dict[str, RetrievalSplit], tokenizer, device, run_log: RunLog):
-        self.cfg, self.splits, self.tokenizer, self.device, self.run_log = (
-            cfg,
-            splits,
-            tokenizer,
-            device,
-            run_log,
-        )
+    def __init__(self, cfg: Namespace, splits: list[EvalSplit], tokenizer, device, run_log: RunLog):
+        self.splits, self.tokenizer, self.run_log = splits, tokenizer, run_log
+        self.zeroshot = (cfg.zs_dataset, cfg.zs_datafolder) if cfg.zs_dataset else None
         self.kwargs = dict(
             image_res=cfg.image_res,
             max_words=cfg.max_words,
             batch_size=cfg.batch_size_test,
             workers=cfg.workers,
             device=device,
+            amp_dtype=AMP_DTYPES[cfg.precision] if device.type == "cuda" else None,
         )
 
-    def __call__(self, model, names, tag: str, progress: Progress) -> dict[str, dict[str, float]]:
+    def __call__(self, model, kinds: tuple[str, ...], tag: str, progress: Progress) -> dict[str, dict[str, float]]:
+        """Metrics by split name for the splits of ``kinds``; zero-shot too unless per-epoch."""
         results = {}
-        for name in names:
-            metrics = evaluate_retrieval(model, self.splits[name], self.tokenizer, **self.kwargs)
-            results[name] = metrics
-            self.run_log.eval(
-                {
-                    "dataset": name,
-                    "split": "val" if "val" in name else "test",
-                    "tag": tag,
-                    "epoch": progress.epoch,
-                    "step": progress.step,
-                    **metrics,
-                },
-                progress.step,
-            )
-        if self.cfg.zs_dataset and tag != "epoch":
-            metrics = evaluate_zeroshot(
-                model, self.cfg.zs_dataset, self.cfg.zs_datafolder, self.tokenizer, **self.kwargs
-            )
-            results[f"zeroshot_{self.cfg.zs_dataset}"] = metrics
-            self.run_log.eval(
-                {
-                    "dataset": self.cfg.zs_dataset,
-                    "split": "zeroshot",
-                    "tag": tag,
-                    "epoch": progress.epoch,
-                    "step": progress.step,
-                    **metrics,
-                },
-                progress.step,
-            )
+        for s in self.splits:
+            if s.kind in kinds:
+                results[s.name] = evaluate_retrieval(model, s.split, self.tokenizer, **self.kwargs)
+                self._log(s.name, s.kind, tag, progress, results[s.name])
+        if self.zeroshot and tag != "epoch":
+            name, folder = self.zeroshot
+            results[f"zeroshot_{name}"] = evaluate_zeroshot(model, name, folder, self.tokenizer, **self.kwargs)
+            self._log(name, "zeroshot", tag, progress, results[f"zeroshot_{name}"])
         return results
 
-    def names(self, split: str) -> list[str]:
-        return [n for n in self.splits if ("val" in n) == (split == "val")]
+    def _log(self, dataset: str, split: str, tag: str, progress: Progress, metrics: dict) -> None:
+        record = {"dataset": dataset, "split": split, "tag": tag, "epoch": progress.epoch, "step": progress.step}
+        self.run_log.eval({**record, **metrics}, progress.step)
 
 
-def checkpoint_state(
-    model, loss_fn, optimizer, scheduler, scaler, progress: Progress, cfg, best: dict
-) -> dict:
+def checkpoint_state(model, loss_fn, optimizer, scheduler, scaler, progress: Progress, cfg, best: dict) -> dict:
     return {
         "model": model.state_dict(),
         "loss": loss_fn.state_dict(),
@@ -163,14 +145,12 @@ def adopt_architecture(cfg: Namespace, state: dict) -> None:
             setattr(cfg, key, saved[key])
 
 
-def evaluate_only(
-    cfg: Namespace, model, evaluator: Evaluator, state: dict | None, progress: Progress
-) -> None:
+def evaluate_only(cfg: Namespace, model, evaluator: Evaluator, state: dict | None, progress: Progress) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
         progress.epoch, progress.step = state["progress"]["epoch"], state["progress"]["step"]
         log.info("evaluating %s (epoch %d, step %d)", cfg.checkpoint, progress.epoch, progress.step)
-    results = evaluator(model, list(evaluator.splits), "evaluate", progress)
+    results = evaluator(model, ("val", "test"), "evaluate", progress)
     if parallel.is_main_process():
         print(format_recall_table([(name, m) for name, m in results.items() if "r_mean" in m]))
         for name, m in results.items():
@@ -178,9 +158,7 @@ def evaluate_only(
                 print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
 
 
-def train(
-    cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.device, run_log: RunLog
-) -> None:
+def train(cfg: Namespace, model, tokenizer, evaluator: Evaluator, device: torch.device, run_log: RunLog) -> None:
     rank, world = parallel.rank(), parallel.world_size()
     data = build_train_data(
         train_data=cfg.train_data,
@@ -208,9 +186,7 @@ def train(
     loss_fn = build_loss(cfg.ita_type, data_size=cfg.data_size, **loss_hparams(cfg)).to(device)
     optimizer = build_optimizer(model, loss_fn, cfg.lr, cfg.weight_decay)
     total_steps = cfg.epochs * data.steps_per_epoch
-    warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * data.steps_per_epoch)
-    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * data.steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.lr, cfg.min_lr, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     amp_dtype = AMP_DTYPES[cfg.precision]
@@ -243,7 +219,7 @@ def train(
     )
     table = []
     if progress.epoch == 0 and progress.step == 0:
-        untrained = evaluator(model, evaluator.names("test"), "untrained", progress)
+        untrained = evaluator(model, ("test",), "untrained", progress)
         table += [(f"untrained {name}", m) for name, m in untrained.items() if "r_mean" in m]
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     for epoch in range(progress.epoch, cfg.epochs):
@@ -267,28 +243,26 @@ def train(
         )
         progress.epoch = epoch + 1  # epochs completed
         log.info("epoch %d: loss %.4f, %.1f samples/s", epoch, summary["loss"], summary["samples_per_s"])
-        names = evaluator.names("val") + (evaluator.names("test") if cfg.eval_test_every_epoch else [])
-        results = evaluator(model, names, "epoch", progress)
-        val = [m["r_mean"] for name, m in results.items() if "val" in name]
+        kinds = ("val", "test") if cfg.eval_test_every_epoch else ("val",)
+        results = evaluator(model, kinds, "epoch", progress)
+        val = [results[s.name]["r_mean"] for s in evaluator.splits if s.kind == "val"]
         for name, m in results.items():
             log.info("epoch %d %s: r_mean %.2f", epoch, name, m["r_mean"])
+        is_best = bool(val) and val[0] > best["r_mean"]  # every rank holds the same metrics
+        if is_best:
+            best = {"r_mean": val[0], "epoch": epoch}
         if parallel.is_main_process():
-            state = checkpoint_state(model, loss_fn, optimizer, scheduler, scaler, progress, cfg, best)
             epoch_path = Path(cfg.output_dir) / f"checkpoint_{epoch}.pth"
-            is_best = bool(val) and val[0] > best["r_mean"]
-            if is_best:
-                best = {"r_mean": val[0], "epoch": epoch}
-                state["best"] = best
-            save_checkpoint(state, epoch_path)
-            if hasattr(loss_fn, "temperatures"):
-                save_temperatures(loss_fn.temperatures(), cfg.output_dir, epoch)
+            save_checkpoint(
+                checkpoint_state(model, loss_fn, optimizer, scheduler, scaler, progress, cfg, best), epoch_path
+            )
             copy_checkpoint(epoch_path, Path(cfg.output_dir) / LATEST)
             if is_best or not val:
                 copy_checkpoint(epoch_path, Path(cfg.output_dir) / BEST)
-        if world > 1:
-            best = _broadcast(best)
+            if hasattr(loss_fn, "temperatures"):
+                save_temperatures(loss_fn.temperatures(), cfg.output_dir, epoch)
 
-    final = evaluator(model, evaluator.names("test"), "final", progress)
+    final = evaluator(model, ("test",), "final", progress)
     table += [(f"final {name}", m) for name, m in final.items() if "r_mean" in m]
     if parallel.is_main_process():
         print("\n" + format_recall_table(table))
@@ -299,12 +273,6 @@ def train(
             print(f"best validation r_mean {best['r_mean']:.2f} at epoch {best['epoch']} ({BEST})")
 
 
-def _broadcast(obj):
-    objs = [obj]
-    torch.distributed.broadcast_object_list(objs, src=0)
-    return objs[0]
-
-
 def run(cfg: Namespace) -> None:
     device = parallel.init_distributed(cfg.distributed, cfg.device)
     try:
@@ -312,17 +280,18 @@ def run(cfg: Namespace) -> None:
         if is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
         setup_logging(cfg.output_dir if is_main else None, is_main)
-        if is_main:
-            save_config(cfg, Path(cfg.output_dir) / ("eval_config.yaml" if cfg.evaluate else "config.yaml"))
-        seed_everything(cfg.seed + parallel.rank())
-        run_log = RunLog(cfg.output_dir, enabled=is_main)
         state = load_checkpoint(cfg.checkpoint) if cfg.evaluate and cfg.checkpoint else None
         if state is not None:
             adopt_architecture(cfg, state)
+        if is_main:
+            save_config(cfg, Path(cfg.output_dir) / ("eval_config.yaml" if cfg.evaluate else "config.yaml"))
+        seed_everything(cfg.seed)  # the same initial model on every rank
+        run_log = RunLog(cfg.output_dir, enabled=is_main)
         tokenizer = load_tokenizer(cfg.text_encoder)
         model = build_model(
             cfg.image_encoder, cfg.text_encoder, cfg.embed_dim, cfg.init_model, cfg.image_encoder_kwargs
         ).to(device)
+        seed_everything(cfg.seed + parallel.rank())  # independent randomness per rank from here on
         evaluator = Evaluator(cfg, load_eval_splits(cfg), tokenizer, device, run_log)
         if cfg.evaluate:
             evaluate_only(cfg, model, evaluator, state, Progress())

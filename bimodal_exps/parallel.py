@@ -143,8 +143,9 @@ def init_distributed(requested: bool | None, device: str) -> torch.device:
         return torch.device(device)
     rank_, local_rank, world = launch
     if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        dev, backend = torch.device("cuda", local_rank), "nccl"
+        # a task sees all the node's GPUs (--gres) or only its own (--gpus-per-task=1)
+        dev, backend = torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+        torch.cuda.set_device(dev)
     else:
         dev, backend = torch.device("cpu"), "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

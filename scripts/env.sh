@@ -20,11 +20,17 @@ print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 PY
 }
 
+_env_stamp_ok() {  # $1: requirements file; true when .venv was filled from its current content
+    local stamp="$_env_root/.venv/.requirements-$(basename "$1" .txt).sha256"
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(cat "$_env_root/requirements.txt" "$_env_root/$1" | sha256sum | cut -d' ' -f1)" ]
+}
+
 _env_use_venv() {
     local venv="$_env_root/.venv" stamp want
     want=$(cat "$_env_root/requirements.txt" "$_env_root/$_env_req" | sha256sum | cut -d' ' -f1)
     stamp="$venv/.requirements-$(basename "$_env_req" .txt).sha256"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    # requirements-dev.txt includes requirements.txt, so a current dev install serves both
+    if ! _env_stamp_ok "$_env_req" && ! { [ "$_env_req" = requirements.txt ] && _env_stamp_ok requirements-dev.txt; }; then
         local py=${PYTHON:-python3}
         if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
             echo "error: $py is missing or older than Python 3.10; set PYTHON=/path/to/python3.10+" >&2
@@ -33,7 +39,7 @@ _env_use_venv() {
         (
             # one installer at a time, also when several jobs start together
             command -v flock >/dev/null && { exec 9>"$_env_root/.venv.lock"; flock 9; }
-            if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+            if ! _env_stamp_ok "$_env_req"; then  # another job may have finished it meanwhile
                 echo ">>> setting up the Python environment in .venv from $_env_req (first run only; a few minutes)"
                 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv" || exit 1
                 "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$_env_root/$_env_req" || exit 1
