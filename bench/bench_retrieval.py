@@ -47,9 +47,7 @@ def make_embeddings(
     return image_emb, text_emb, txt2img
 
 
-def baseline_recall(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor
-) -> dict[str, float]:
+def baseline_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor) -> dict[str, float]:
     """The original code's style: score matrix to numpy, then one argsort per query in Python."""
     img2txt: list[list[int]] = [[] for _ in range(len(image_emb))]
     for t, i in enumerate(txt2img.tolist()):
@@ -91,17 +89,13 @@ def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,000 images x 5,002 captions; print only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--chunk_size", type=int, default=1024, help="query rows per score block")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest counts")
-    parser.add_argument(
-        "--noise", type=float, default=5.0, help="norm of the caption noise (images have norm 1)"
-    )
+    parser.add_argument("--noise", type=float, default=5.0, help="norm of the caption noise (images have norm 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     args = parser.parse_args()

@@ -56,7 +56,10 @@ def _gather_similarities(image_feat: torch.Tensor, text_feat: torch.Tensor) -> _
     all_text = parallel.all_gather_with_grad(text_feat)
     b = image_feat.shape[0]
     pos = torch.arange(b, device=image_feat.device) + parallel.rank() * b
-    return _GlobalBatch(image_feat @ all_text.T, text_feat @ all_image.T, pos)
+    sim_img = image_feat @ all_text.T
+    # one process: the text anchors' rows are the columns of the same matrix (no second matmul)
+    sim_txt = sim_img.T if parallel.world_size() == 1 else text_feat @ all_image.T
+    return _GlobalBatch(sim_img, sim_txt, pos)
 
 
 def _check_inputs(image_feat, text_feat, image_idx, text_idx, data_size: int | None) -> None:
