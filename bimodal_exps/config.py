@@ -44,17 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
 
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--data_path", default="./datasets", help="root that relative data paths are resolved against"
-    )
+    g.add_argument("--data_path", default="./datasets", help="root that relative data paths are resolved against")
     g.add_argument("--ann_path", default="clip_train", help="folder of the annotation JSON files")
     g.add_argument(
         "--train_data",
         help="webdataset shards: brace spec ('cc3m/{00000..00331}.tar'), a folder, or specs joined by '::'",
     )
-    g.add_argument(
-        "--train_file", help="caption JSON training file (under --ann_path), instead of --train_data"
-    )
+    g.add_argument("--train_file", help="caption JSON training file (under --ann_path), instead of --train_data")
     g.add_argument("--train_image_root", help="image folder of --train_file")
     g.add_argument(
         "--train_num_samples",
@@ -89,12 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zs_datafolder", default="", help="folder of the zero-shot dataset")
     g.add_argument("--workers", type=int, default=8, help="data loader worker processes per rank")
     g.add_argument("--max_words", type=int, default=30, help="caption length cap, in words and in tokens")
-    g.add_argument(
-        "--crop_scale", type=float, nargs=2, default=(0.5, 1.0), help="RandomResizedCrop area range"
-    )
-    g.add_argument(
-        "--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips"
-    )
+    g.add_argument("--crop_scale", type=float, nargs=2, default=(0.5, 1.0), help="RandomResizedCrop area range")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
     g.add_argument("--shuffle_buffer", type=int, default=2000, help="samples in each worker's shuffle buffer")
 
     g = p.add_argument_group("model")
@@ -132,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sched", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule (per step)"
     )
     g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear warm-up length in epochs")
-    g.add_argument(
-        "--warmup_steps", type=int, help="linear warm-up length in steps (overrides --warmup_epochs)"
-    )
+    g.add_argument("--warmup_steps", type=int, help="linear warm-up length in steps (overrides --warmup_epochs)")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument(
         "--batch_size_train",
@@ -143,9 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-rank training batch; global batch = this x world size",
     )
     g.add_argument("--batch_size_test", type=int, default=256, help="per-rank evaluation batch")
-    g.add_argument(
-        "--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)"
-    )
+    g.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
 
     g = p.add_argument_group("loss")
     names = sorted([*LOSSES, *LOSS_ALIASES])
@@ -173,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta_min", type=float, default=1e-4)
     g.add_argument("--eta_exp_base", type=float, default=0.8, help="lambda of the 'exp' eta schedule")
     g.add_argument("--beta_u", type=float, default=0.9, help="isogclr: momentum of the temperature gradient")
-    g.add_argument(
-        "--lr_tau", type=float, default=2e-4, help="fastclip_v3: learning rate of the global temperature"
-    )
+    g.add_argument("--lr_tau", type=float, default=2e-4, help="fastclip_v3: learning rate of the global temperature")
     g.add_argument("--rho", type=float, default=6.5, help="fastclip_v3: rho")
 
     g = p.add_argument_group("run")
@@ -183,12 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_dir",
         help="where configs, logs and checkpoints go (default: output/run; when evaluating a checkpoint: its folder)",
     )
-    g.add_argument(
-        "--evaluate", action="store_true", help="evaluate only (with --checkpoint, or the initial model)"
-    )
-    g.add_argument(
-        "--checkpoint", help="checkpoint to evaluate (or to initialise training from, weights only)"
-    )
+    g.add_argument("--evaluate", action="store_true", help="evaluate only (with --checkpoint, or the initial model)")
+    g.add_argument("--checkpoint", help="checkpoint to evaluate (or to initialise training from, weights only)")
     g.add_argument("--resume", help="checkpoint to resume training from, or 'auto' (latest in --output_dir)")
     g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16 with a grad scaler on CUDA")
     g.add_argument(
@@ -208,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--k_test", type=int, default=256, help="accepted for compatibility with the original scripts; unused"
     )
     g.add_argument("--log_every", type=int, default=50, help="steps between log.jsonl lines")
+    g.add_argument(
+        "--save_every_steps", type=int, default=1000, help="also checkpoint every this many steps (0: epoch ends only)"
+    )
+    g.add_argument("--keep_step_checkpoints", type=int, default=2, help="step checkpoints kept (the newest)")
+    g.add_argument(
+        "--max_bad_fraction",
+        type=float,
+        default=0.1,
+        help="stop when more than this fraction of the samples read could not be used",
+    )
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=20,
+        help="stop after more than this many steps in a row with a non-finite loss or gradient",
+    )
     g.add_argument(
         "--eval_test_every_epoch", action="store_true", help="also evaluate the test split after every epoch"
     )

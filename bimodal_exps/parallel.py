@@ -7,9 +7,11 @@ call it unconditionally.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def is_distributed() -> bool:
@@ -26,6 +28,17 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm on rank 0 only; redrawn once a minute when the output is a file (a Slurm log)."""
+    return tqdm(
+        iterable,
+        disable=not is_main_process(),
+        mininterval=1 if sys.stderr.isatty() else 60,
+        dynamic_ncols=True,
+        **kwargs,
+    )
 
 
 class _AllGatherSumGrad(torch.autograd.Function):
@@ -87,13 +100,16 @@ def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
     return float(t.item()) / world_size()
 
 
-def all_ranks_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True when ``flag`` holds on every rank; used so all ranks stop an epoch together."""
+def any_rank(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ...]:
+    """For each flag, whether it holds on at least one rank (one all-reduce for all of them).
+
+    The training loop uses it so that all ranks stop an epoch, or the run, at the same step.
+    """
     if world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
 
 
 def _slurm_master_addr() -> str:
@@ -102,9 +118,7 @@ def _slurm_master_addr() -> str:
 
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
-        )
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return "127.0.0.1"

@@ -28,9 +28,7 @@ def gamma_at(epoch: int, gamma: float, schedule: str, decay_epochs: int) -> floa
     raise ValueError(f"unknown gamma schedule {schedule!r}")
 
 
-def eta_at(
-    epoch: int, eta_init: float, schedule: str, eta_min: float, exp_base: float, total_epochs: int
-) -> float:
+def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, exp_base: float, total_epochs: int) -> float:
     """eta_t for the 0-based ``epoch`` (spec section 3; "exp" uses ``epoch`` for the spec's e-1)."""
     if schedule == "const":
         return eta_init
@@ -55,12 +53,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, tau: float | torch.Tensor
     """
     S = similarities(image, text)
     batch = len(S)
-    image_ce = sum(
-        torch.log(sum(torch.exp((S[i][j] - S[i][i]) / tau) for j in range(batch))) for i in range(batch)
-    )
-    text_ce = sum(
-        torch.log(sum(torch.exp((S[i][j] - S[j][j]) / tau) for i in range(batch))) for j in range(batch)
-    )
+    image_ce = sum(torch.log(sum(torch.exp((S[i][j] - S[i][i]) / tau) for j in range(batch))) for i in range(batch))
+    text_ce = sum(torch.log(sum(torch.exp((S[i][j] - S[j][j]) / tau) for i in range(batch))) for j in range(batch))
     return (image_ce / batch + text_ce / batch) / 2.0
 
 
@@ -133,9 +127,7 @@ class GCLReference:
         loss_text = self._side("text", h_text, text_idx, gamma, eta)
         return loss_image + loss_text
 
-    def _side(
-        self, side: str, h: list[list[torch.Tensor]], idx: list[int], gamma: float, eta: float
-    ) -> torch.Tensor:
+    def _side(self, side: str, h: list[list[torch.Tensor]], idx: list[int], gamma: float, eta: float) -> torch.Tensor:
         old = self.state[side]
         new = old.copy()
         negatives = len(h) - 1
@@ -159,9 +151,7 @@ class GCLReference:
         return sum(terms) / len(idx)
 
 
-def assert_matches(
-    got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, scale_floor: float = 1e-12
-) -> None:
+def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, scale_floor: float = 1e-12) -> None:
     """Max abs error at most ``rtol`` times max(largest ``|want|``, ``scale_floor``), so entries near
     zero (or a value near zero by cancellation) do not demand impossible relative precision."""
     got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()

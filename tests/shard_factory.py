@@ -1,5 +1,5 @@
-"""Small real test data: img2dataset-style webdataset shards, caption-JSON image folders and an
-offline word-level tokenizer.
+"""Small real test data: img2dataset-style webdataset shards, caption-JSON lists with their image
+folders, and an offline word-level tokenizer.
 
 Every image is a 16x16 JPEG whose dominant colour is ``colour_of(index)`` (with a mild
 gradient so crops and flips change pixels), and whose caption is ``caption_of(index)``, so
@@ -103,9 +103,7 @@ def write_stats(path: Path, count: int, successes: int) -> None:
     (path.parent / f"{path.stem}_stats.json").write_text(json.dumps(stats))
 
 
-def write_shards(
-    root: Path, num_shards: int, rows_per_shard: int, *, digits: int = 9, seed: int = 0
-) -> dict[int, str]:
+def write_shards(root: Path, num_shards: int, rows_per_shard: int, *, digits: int = 9, seed: int = 0) -> dict[int, str]:
     """img2dataset-style shards ``root/00000.tar ...``: shard s holds rows
     ``[s * rows_per_shard, (s + 1) * rows_per_shard)`` except every 7th row (a failed
     download), in shuffled order, with ``_stats.json`` beside each tar.
@@ -152,3 +150,22 @@ def make_tokenizer(captions: Iterable[str], max_words: int = 30) -> PreTrainedTo
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
     )
+
+
+def write_caption_files(root: Path, num_rows: int) -> tuple[Path, Path]:
+    """A caption-JSON list ``root/train.json`` whose row ``r`` captions ``images/{r // 2:04d}.jpg``
+    (coloured ``colour_of(r // 2)``, image_id ``r // 2``) with ``caption_of(r)``.
+
+    Returns (annotation file, image root).
+    """
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for row in range(num_rows):
+        path = images / f"{row // 2:04d}.jpg"
+        if not path.exists():
+            path.write_bytes(jpeg_bytes(colour_of(row // 2)))
+        rows.append({"image": path.name, "caption": caption_of(row), "image_id": row // 2})
+    ann = root / "train.json"
+    ann.write_text(json.dumps(rows))
+    return ann, images

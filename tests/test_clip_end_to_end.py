@@ -66,7 +66,15 @@ def test_run_writes_every_output(trained, tiny_dataset):
 def test_checkpoint_holds_the_run_state(trained, tiny_dataset):
     state = torch.load(trained / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert {"model", "loss", "optimizer", "scheduler", "scaler", "progress", "best", "config"} <= set(state)
-    assert state["progress"] == {"epoch": 2, "step": 2 * steps_per_epoch(tiny_dataset)}
+    steps = 2 * steps_per_epoch(tiny_dataset)
+    assert state["progress"] == {
+        "epoch": 2,
+        "epoch_step": 0,
+        "step": steps,
+        "samples_seen": 32 * steps,
+        "skipped_steps": 0,
+    }
+    assert len(state["per_rank"]) == 1 and {"rng", "data_position"} <= set(state["per_rank"][0])
     assert {"tau_I", "tau_T", "log_u_I", "log_u_T", "m_I", "m_T", "seen_I", "seen_T"} <= set(state["loss"])
     # the temperatures learned: some moved away from tau_init
     seen = state["loss"]["seen_I"]
@@ -118,7 +126,7 @@ def test_resume_continues_from_the_latest_checkpoint(tiny_dataset, tmp_path):
     assert lines[: len(first)] == first
     assert [line["epoch"] for line in lines[len(first) :]] and all(line["epoch"] == 1 for line in lines[len(first) :])
     state = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-    assert state["progress"] == {"epoch": 2, "step": 2 * steps_per_epoch(tiny_dataset)}
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (2, 2 * steps_per_epoch(tiny_dataset))
     untrained = [e for e in read_jsonl(out / "eval.jsonl") if e["tag"] == "untrained"]
     assert len(untrained) == 1  # the resumed run does not evaluate the untrained model again
 

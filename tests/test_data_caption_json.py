@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_indices_captions_and_images_match_the_rows(data_files, tokenizer):
     for batch in batches:
         assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
         assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
-        assert batch["skipped"] == {}
+        assert batch["skipped"] == {} and batch["skipped_shards"] == {}
         texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         for row, image_idx, text, image in zip(
             batch["text_idx"].tolist(), batch["image_idx"].tolist(), texts, batch["image"], strict=True
@@ -131,6 +132,19 @@ def test_unreadable_image_is_counted_and_replaced(tmp_path, tokenizer):
     # Each bad row is replaced by the next usable one: 4 and 5 by 6, 10 and 11 by 12.
     expected = sorted([r for r in range(2 * NUM_IMAGES) if r not in (4, 5, 10, 11)] + [6, 6, 12, 12])
     assert used == expected
+
+
+def test_bad_rows_are_counted_by_image_folder_and_annotation_file(tmp_path, tokenizer):
+    ann, images, rows = write_caption_json(tmp_path)
+    (images / rows[5]["image"]).write_bytes(b"not a jpeg")  # rows 4 and 5: three failed attempts
+    rows[20]["caption"] = "?! --"  # nothing left after cleaning
+    ann.write_text(json.dumps(rows))
+    data = build(ann, images, tokenizer, batch_size=8)
+    data.set_epoch(0)
+    batches = list(data.loader)
+    assert sum((Counter(b["skipped"]) for b in batches), Counter()) == Counter(bad_image=3, empty_caption=1)
+    sources = sum((Counter(b["skipped_shards"]) for b in batches), Counter())
+    assert sources == Counter({str(images / "sub"): 3, str(ann): 1})
 
 
 def test_missing_paths_and_bad_settings_fail_clearly(data_files, tokenizer, tmp_path):

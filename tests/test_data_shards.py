@@ -101,9 +101,7 @@ def test_expand_shards_braces_directories_and_lists(dataset):
 
 def test_expand_shards_names_missing_paths(dataset, tmp_path):
     root, _ = dataset
-    with pytest.raises(
-        FileNotFoundError, match=r"4 shard path\(s\).*00006\.tar, .*00007\.tar, .*00008\.tar, \.\.\."
-    ):
+    with pytest.raises(FileNotFoundError, match=r"4 shard path\(s\).*00006\.tar, .*00007\.tar, .*00008\.tar, \.\.\."):
         expand_shards(str(root / "{00004..00009}.tar"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         expand_shards(str(root / "00000.tar") + "::" + str(tmp_path / "nowhere"))
@@ -224,9 +222,7 @@ def test_bad_key_later_in_the_stream_stops_the_epoch(tmp_path, tokenizer):
     # workers=0 only: a DataLoader that raised from a worker takes seconds to shut down.
     good = [(f"{i:05d}", sample_members(i, f"{i:05d}")) for i in range(10)]
     write_tar(tmp_path / "00000.tar", good)
-    write_tar(
-        tmp_path / "00001.tar", [("00011", sample_members(11, "00011")), ("0x1f", sample_members(12, "x"))]
-    )
+    write_tar(tmp_path / "00001.tar", [("00011", sample_members(11, "00011")), ("0x1f", sample_members(12, "x"))])
     data = build(tmp_path, tokenizer, train_data=str(tmp_path), train_num_samples=12, shuffle_buffer=1)
     with pytest.raises(ValueError, match=r"sample key '0x1f' in shard .*00001\.tar is not a decimal number"):
         epoch_batches(data)
@@ -283,9 +279,7 @@ def write_damaged_data(root: Path) -> tuple[dict[int, str], list[str]]:
 def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, caplog):
     root = tmp_path / "damaged"
     good, bad_shards = write_damaged_data(root)
-    expected = Counter(
-        bad_image=2, missing_image=1, missing_caption=1, empty_caption=1, bad_caption=1, huge_image=1
-    )
+    expected = Counter(bad_image=2, missing_image=1, missing_caption=1, empty_caption=1, bad_caption=1, huge_image=1)
     for epoch in range(2):
         data = build(root, tokenizer, train_data=str(root), shuffle_buffer=1, data_size=1000)
         caplog.clear()
@@ -294,9 +288,11 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, caplog):
         for b in batches:
             check_batch(b, tokenizer, 1)
         assert sorted(indices(batches)) == sorted(good)
-        # Shard 0 ends with good samples, so all its bad samples reach a batch.
+        # Every bad sample and shard reaches a batch, with the shard it came from.
         reported = sum((Counter(b["skipped"]) for b in batches), Counter())
-        assert reported - Counter(bad_shard=reported["bad_shard"]) == expected
+        assert reported == expected + Counter(bad_shard=2)
+        shards = sum((Counter(b["skipped_shards"]) for b in batches), Counter())
+        assert shards == Counter({str(root / "00000.tar"): expected.total(), **dict.fromkeys(bad_shards, 1)})
         messages = [r.getMessage() for r in caplog.records if r.name == "data.shards"]
         for path in bad_shards:
             assert sum(path in m for m in messages) == 1

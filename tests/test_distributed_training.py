@@ -2,7 +2,7 @@
 
 Each child process first computes the single-process reference (before it joins the process
 group), then runs the same steps with DistributedDataParallel on its slice of every global
-batch, through the real training loop (engine.trainer.train_one_epoch). Plain SGD with lr 1
+batch, through the real training loop (engine.trainer.Trainer). Plain SGD with lr 1
 makes each step's parameter change equal to minus the gradient, so comparing the changes
 compares the parameter gradients; the loss state and the logged loss are compared too.
 """
@@ -20,11 +20,12 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertModel
 
+from engine.checkpoint import CheckpointDir
+from engine.preemption import StopRequest
 from engine.run_log import RunLog
-from engine.trainer import Progress, train_one_epoch
+from engine.trainer import Trainer
 from models.losses import build_loss
 from models.model_clip import CLIPModel
 
@@ -79,35 +80,47 @@ def global_batches() -> list[dict]:
     return batches
 
 
+class OneBatchData:
+    """The training loop's data interface around one given batch (the real pipeline is tested elsewhere)."""
+
+    def __init__(self, batch: dict) -> None:
+        self.loader = [batch]
+
+    def set_epoch(self, epoch: int, position: dict | None = None) -> None:
+        pass
+
+    def advance(self, position: dict | None, batch: dict) -> None:
+        return None
+
+
 def run_steps(model, loss_fn, batches, tmp_dir) -> tuple[list[dict], list[float]]:
-    """One train_one_epoch call per batch; returns each step's parameter changes and logged loss."""
+    """One Trainer.train_epoch per batch; returns each step's parameter changes and logged loss.
+
+    The Trainer wraps the model in DistributedDataParallel when a process group is up.
+    """
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.SGD(params, lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    run_log = RunLog(tmp_dir, enabled=False)
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    deltas, losses, progress = [], [], Progress()
+    trainer = Trainer(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp_dtype=None,
+        device=torch.device("cpu"),
+        run_log=RunLog(tmp_dir, enabled=False),
+        checkpoints=CheckpointDir(tmp_dir),
+        stop=StopRequest(),
+        log_every=1,
+    )
+    deltas, losses = [], []
     for batch in batches:
-        before = {k: v.detach().clone() for k, v in module.named_parameters()}
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
         before.update({f"loss.{k}": v.detach().clone() for k, v in loss_fn.named_parameters()})
-        summary = train_one_epoch(
-            model=model,
-            loss_fn=loss_fn,
-            loader=[batch],
-            steps=1,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            amp_dtype=None,
-            device=torch.device("cpu"),
-            progress=progress,
-            run_log=run_log,
-            log_every=1,
-        )
-        after = dict(module.named_parameters()) | {f"loss.{k}": v for k, v in loss_fn.named_parameters()}
+        assert trainer.train_epoch(OneBatchData(batch), steps=1)
+        after = dict(model.named_parameters()) | {f"loss.{k}": v for k, v in loss_fn.named_parameters()}
         deltas.append({k: (after[k].detach() - before[k]) for k in before})
-        losses.append(summary["loss"])
+        losses.append(trainer.last_log["loss"])
     return deltas, losses
 
 
@@ -133,7 +146,7 @@ def child(rank: int, world: int, port: int, tmp_dir: str) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         for setup, (model, loss_fn, (want_deltas, want_losses), ref_loss) in runs.items():
             batches = [slice_batch(b, rank, world) for b in global_batches()]
-            deltas, losses = run_steps(DistributedDataParallel(model), loss_fn, batches, tmp_dir)
+            deltas, losses = run_steps(model, loss_fn, batches, tmp_dir)
             for step, (got, want) in enumerate(zip(deltas, want_deltas, strict=True)):
                 problems += [f"{setup} step {step}: gradient of {k}" for k in want if not close(got[k], want[k])]
             problems += [
@@ -149,6 +162,9 @@ def child(rank: int, world: int, port: int, tmp_dir: str) -> None:
             ]
     except Exception:
         problems.append(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # a process leaving gloo's threads running aborts at exit
     with open(os.path.join(tmp_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"problems": problems}, f)
 

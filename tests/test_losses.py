@@ -98,9 +98,7 @@ def buffers(loss_fn) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in loss_fn.state_dict().items()}
 
 
-def check_state(
-    loss_fn, ref: GCLReference, individual_tau: bool, rtol: float, what: str, tau_floor: float
-) -> None:
+def check_state(loss_fn, ref: GCLReference, individual_tau: bool, rtol: float, what: str, tau_floor: float) -> None:
     """Module buffers vs reference state: seen exactly, log u where seen, tau and m everywhere."""
     state = loss_fn.state_dict()
     for side, suffix in (("image", "I"), ("text", "T")):
@@ -352,9 +350,7 @@ def test_state_dict_round_trip(name):
     hp = {**HP, "eta_init": 0.5}
     loss_fn = build_loss(name, data_size=N, **hp)
     for step in range(2):
-        run_module(
-            loss_fn, unit_rows(30 + step, 8, 6), unit_rows(40 + step, 8, 6), IMAGE_IDX[step], TEXT_IDX[step]
-        )
+        run_module(loss_fn, unit_rows(30 + step, 8, 6), unit_rows(40 + step, 8, 6), IMAGE_IDX[step], TEXT_IDX[step])
     expected = {"log_u_I", "log_u_T", "seen_I", "seen_T"}
     if name == "isogclr":
         expected |= {"tau_I", "tau_T", "m_I", "m_T"}
@@ -404,10 +400,7 @@ def test_reference_clip_is_cross_entropy():
     image, text = unit_rows(70, 7, 5).double(), unit_rows(71, 7, 5).double()
     logits = image @ text.T / 0.05
     labels = torch.arange(7)
-    want = (
-        torch.nn.functional.cross_entropy(logits, labels)
-        + torch.nn.functional.cross_entropy(logits.T, labels)
-    ) / 2
+    want = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
     assert_matches(clip_loss(image, text, 0.05), want, 1e-12, "reference clip")
 
 

@@ -266,9 +266,7 @@ def one_by_one(model: TinyModel, split, tokenizer) -> tuple[torch.Tensor, torch.
     """Reference embeddings: every image and caption encoded on its own, in file order."""
     transform = eval_transform(EMBED_KW["image_res"])
     with torch.no_grad():
-        images = [
-            model.encode_image(transform(Image.open(p).convert("RGB"))[None]) for p in split.image_paths
-        ]
+        images = [model.encode_image(transform(Image.open(p).convert("RGB"))[None]) for p in split.image_paths]
         texts = []
         for caption in split.captions:
             tokens = tokenizer([pre_caption(caption, EMBED_KW["max_words"])], return_tensors="pt")
@@ -333,9 +331,7 @@ def test_embed_under_autocast_returns_float32(tmp_path):
     tokenizer = make_tokenizer(WORDS)
     model = TinyModel(len(tokenizer))
     want_images, want_texts = embed_retrieval_split(model, split, tokenizer, **EMBED_KW)
-    got_images, got_texts = embed_retrieval_split(
-        model, split, tokenizer, **EMBED_KW, amp_dtype=torch.bfloat16
-    )
+    got_images, got_texts = embed_retrieval_split(model, split, tokenizer, **EMBED_KW, amp_dtype=torch.bfloat16)
     assert got_images.dtype == got_texts.dtype == torch.float32
     torch.testing.assert_close(got_images, want_images, rtol=0, atol=2e-2)
     torch.testing.assert_close(got_texts, want_texts, rtol=0, atol=2e-2)

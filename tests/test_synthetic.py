@@ -231,9 +231,7 @@ def test_train_caption_json_covers_first_samples(dataset):
     samples = {}
     for tar_path in _shards(dataset):
         members = dict(_tar_members(tar_path))
-        samples.update(
-            {n[:-4]: (members[n], members[n[:-4] + ".txt"].decode()) for n in members if n[-4:] == ".jpg"}
-        )
+        samples.update({n[:-4]: (members[n], members[n[:-4] + ".txt"].decode()) for n in members if n[-4:] == ".jpg"})
     first = sorted(samples)[: SMALL["train_json_size"]]
     assert [e["image"] for e in entries] == [f"train/{key}.jpg" for key in first]
     for entry, key in zip(entries, first, strict=True):
@@ -248,9 +246,7 @@ def test_zeroshot_folder(dataset):
     classnames = (root / "classnames.txt").read_text().splitlines()
     folder = ImageFolder(str(root / "images"))
     assert folder.classes == classnames == sorted(SHAPES)
-    assert Counter(label for _, label in folder.samples) == dict.fromkeys(
-        range(8), SMALL["zeroshot_per_class"]
-    )
+    assert Counter(label for _, label in folder.samples) == dict.fromkeys(range(8), SMALL["zeroshot_per_class"])
     assert folder[0][0].size == (64, 64)
     templates = (root / "templates.txt").read_text().splitlines()
     assert len(templates) >= 3 and all(t.count("{}") == 1 for t in templates)
@@ -308,14 +304,10 @@ def test_text_encoder_loads_offline(dataset):
     texts = [e["caption"] for e in json.loads((dataset / "clip_train/synthetic_train.json").read_text())]
     for split in ("val", "test"):
         texts += [
-            c
-            for e in json.loads((dataset / f"clip_train/synthetic_{split}.json").read_text())
-            for c in e["caption"]
+            c for e in json.loads((dataset / f"clip_train/synthetic_{split}.json").read_text()) for c in e["caption"]
         ]
     classes = (dataset / "zeroshot/classnames.txt").read_text().split()
-    texts += [
-        t.format(c) for t in (dataset / "zeroshot/templates.txt").read_text().splitlines() for c in classes
-    ]
+    texts += [t.format(c) for t in (dataset / "zeroshot/templates.txt").read_text().splitlines() for c in classes]
     ids = tokenizer(texts)["input_ids"]
     assert all(tokenizer.unk_token_id not in row for row in ids)
     assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in ids)

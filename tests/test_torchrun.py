@@ -24,11 +24,22 @@ def evals(out: Path) -> list[dict]:
 
 def test_two_ranks_match_one_process(tiny_dataset, tmp_path):
     common = {"epochs": 3, "ita_type": "isogclr", "log_every": 1}
-    single = run([sys.executable, str(CLIP), *tiny_run_args(tiny_dataset, tmp_path / "one", batch_size_train=32,
-                                                           **common)])
+    single = run(
+        [sys.executable, str(CLIP), *tiny_run_args(tiny_dataset, tmp_path / "one", batch_size_train=32, **common)]
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CLIP),
-                  *tiny_run_args(tiny_dataset, tmp_path / "two", batch_size_train=16, **common)])
+    double = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(CLIP),
+            *tiny_run_args(tiny_dataset, tmp_path / "two", batch_size_train=16, **common),
+        ]
+    )
     assert double.returncode == 0, double.stderr[-3000:]
 
     # only rank 0 prints the table and writes the files; every evaluation is logged once
@@ -36,8 +47,10 @@ def test_two_ranks_match_one_process(tiny_dataset, tmp_path):
     assert "global batch 32 (16 per rank x 2 ranks)" in double.stdout
     one, two = evals(tmp_path / "one"), evals(tmp_path / "two")
     assert [(e["tag"], e["dataset"], e["epoch"]) for e in two] == [(e["tag"], e["dataset"], e["epoch"]) for e in one]
-    steps = [[json.loads(line)["step"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-             for name in ("one", "two")]
+    steps = [
+        [json.loads(line)["step"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
     assert steps[0] == steps[1]  # the same number of optimiser steps per epoch
 
     # the untrained model is the same network (same seed on every rank), evaluated across ranks

@@ -116,9 +116,7 @@ def test_classifier_is_the_renormalised_mean_of_normalised_prompts():
     classes = ["red", "green", "blue", "white"]
     tokenizer = tokenizer_for(classes)
     model = UnevenNormModel(len(tokenizer), dim=8)
-    got = build_zeroshot_classifier(
-        model, classes, TEMPLATES, tokenizer, max_words=12, device="cpu", batch_size=5
-    )
+    got = build_zeroshot_classifier(model, classes, TEMPLATES, tokenizer, max_words=12, device="cpu", batch_size=5)
     columns = []
     with torch.no_grad():
         for name in classes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,19 +31,49 @@ class BadSampleError(Exception):
         self.kind = kind
 
 
+@dataclass
+class Skips:
+    """Bad samples passed over, counted per kind and per source.
+
+    A source is where the sample came from: a shard path, or for caption JSON the folder of
+    the image or the annotation file, so that a run can name the worst one.
+    """
+
+    kinds: Counter[str] = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)
+
+    def add(self, kind: str, source: str) -> None:
+        self.kinds[kind] += 1
+        self.sources[source] += 1
+
+    def update(self, other: Skips) -> None:
+        self.kinds.update(other.kinds)
+        self.sources.update(other.sources)
+
+    def take(self) -> Skips:
+        """The counts so far, as a new object; these are reset to zero."""
+        taken = Skips(Counter(self.kinds), Counter(self.sources))
+        self.kinds.clear()
+        self.sources.clear()
+        return taken
+
+    def __bool__(self) -> bool:
+        return bool(self.kinds)
+
+
 @dataclass(frozen=True)
 class Pair:
     """One augmented image-caption pair.
 
     ``image``: float32 [3, H, W]; ``caption``: already cleaned by ``pre_caption``;
-    ``skipped``: bad samples (per kind) passed over to obtain this pair.
+    ``skipped``: bad samples passed over to obtain this pair.
     """
 
     image: torch.Tensor
     caption: str
     image_idx: int
     text_idx: int
-    skipped: Mapping[str, int] = field(default_factory=dict)
+    skipped: Skips = field(default_factory=Skips)
 
 
 def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -111,7 +141,8 @@ class TokenizingCollator:
 
     Batch: ``image`` float32 [b, 3, H, W]; ``input_ids``, ``attention_mask`` long [b, L]
     (L = longest caption in the batch, at most ``max_words`` tokens); ``image_idx``,
-    ``text_idx`` long [b]; ``skipped`` dict kind -> count (empty when none).
+    ``text_idx`` long [b]; ``skipped`` dict kind -> count and ``skipped_shards`` dict
+    source -> count of the bad samples passed over (both empty when none).
     """
 
     def __init__(self, tokenizer, max_words: int):
@@ -126,7 +157,7 @@ class TokenizingCollator:
             max_length=self.max_words,
             return_tensors="pt",
         )
-        skipped: Counter[str] = Counter()
+        skipped = Skips()
         for p in pairs:
             skipped.update(p.skipped)
         return {
@@ -135,5 +166,6 @@ class TokenizingCollator:
             "attention_mask": tokens["attention_mask"].long(),
             "image_idx": torch.tensor([p.image_idx for p in pairs], dtype=torch.long),
             "text_idx": torch.tensor([p.text_idx for p in pairs], dtype=torch.long),
-            "skipped": dict(skipped),
+            "skipped": dict(skipped.kinds),
+            "skipped_shards": dict(skipped.sources),
         }

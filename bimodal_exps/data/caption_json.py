@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
-from data.batching import BadSampleError, Pair, augment_seeded, clean_caption, derive_seed, load_rgb
+from data.batching import BadSampleError, Pair, Skips, augment_seeded, clean_caption, derive_seed, load_rgb
 
 # A row whose image cannot be used is replaced by the next rows, at most this many.
 MAX_REPLACEMENTS = 64
@@ -61,8 +61,9 @@ class CaptionJsonDataset(Dataset):
     """Map-style dataset of augmented pairs; ``dataset[row]`` -> :class:`Pair`.
 
     An image that cannot be used (missing, corrupt, huge) or a caption that is empty after
-    cleaning is replaced by the next usable row and counted in ``Pair.skipped``, so batches
-    keep their size. Augmentation is seeded from ``(seed, epoch, row)``.
+    cleaning is replaced by the next usable row and counted in ``Pair.skipped`` (by kind, and
+    by the image's folder or, for a caption, the annotation file), so batches keep their
+    size. Augmentation is seeded from ``(seed, epoch, row)``.
     """
 
     def __init__(
@@ -105,20 +106,58 @@ class CaptionJsonDataset(Dataset):
         return len(self.image_idx)
 
     def __getitem__(self, row: int) -> Pair:
-        skipped: Counter[str] = Counter()
+        skipped = Skips()
         for attempt in range(MAX_REPLACEMENTS + 1):
             used = (row + attempt) % len(self)
+            path = os.path.join(self.image_root, self.paths[used])
             try:
                 caption = clean_caption(self.captions[used], self.max_words)
-                image = load_rgb(os.path.join(self.image_root, self.paths[used]))
             except BadSampleError as bad:
-                skipped[bad.kind] += 1
+                skipped.add(bad.kind, self.ann_file)
+                continue
+            try:
+                image = load_rgb(path)
+            except BadSampleError as bad:
+                # Counted per folder: broken images cluster in the folders of failed downloads.
+                skipped.add(bad.kind, os.path.dirname(path))
                 continue
             # The requested row is part of the seed so that a replacement never repeats the
             # augmentation of the row it duplicates.
             image = augment_seeded(self.transform, image, derive_seed(self.seed, self.epoch, row, used))
-            return Pair(image, caption, int(self.image_idx[used]), used, dict(skipped))
+            return Pair(image, caption, int(self.image_idx[used]), used, skipped)
         raise RuntimeError(
             f"rows {row}..{used} of {self.ann_file} have no usable image under {self.image_root} "
-            f"({dict(skipped)}); check --train_image_root and the image files"
+            f"({dict(skipped.kinds)}); check --train_image_root and the image files"
         )
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's rows in the ``(seed, epoch)``-fixed order of ``DistributedSampler``
+    (shuffled, ``drop_last``), optionally starting after the first ``batches`` batches.
+
+    Resuming skips the rows of the consumed batches without reading them; the batches that
+    follow are the same as in an uninterrupted epoch because the order and every
+    augmentation seed depend only on ``(seed, epoch, row)``.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.start = 0
+
+    def set_epoch(self, epoch: int, batches: int = 0) -> None:
+        full_batches = self.num_samples // self.batch_size
+        if not 0 <= batches <= full_batches:
+            raise ValueError(
+                f"the saved data position is {batches} batches into the epoch, but this rank's epoch holds "
+                f"{full_batches} batches of {self.batch_size}; resume with the same --train_file, ranks and "
+                "batch size"
+            )
+        super().set_epoch(epoch)
+        self.start = batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        return islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

@@ -1,18 +1,16 @@
-"""The training data of one rank: a loader of tokenised batches and the epoch length."""
+"""The training data of one rank: a loader of tokenised batches, the epoch length, and the
+position within an epoch that makes a mid-epoch resume exact."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from data.batching import BadSampleError, TokenizingCollator
-from data.caption_json import CaptionJsonDataset
+from data.batching import BadSampleError, Skips, TokenizingCollator
+from data.caption_json import CaptionJsonDataset, ResumableSampler
 from data.shards import (
     ShardStream,
     check_keys_from_metadata,
@@ -26,29 +24,105 @@ from data.transforms import train_transform
 # Raw samples read before giving up on finding one usable sample at start-up.
 PROBE_SAMPLES = 1000
 
-
-class _EpochAware(Protocol):
-    def set_epoch(self, epoch: int) -> None: ...
+# Settings a data position depends on, with the flag that sets each, for error messages.
+POSITION_SETTINGS = {
+    "seed": "--seed",
+    "world_size": "the number of ranks",
+    "rank": "the rank",
+    "workers": "--workers",
+    "batch_size": "the per-rank batch size",
+    "shards": "the number of --train_data shards",
+    "shuffle_buffer": "--shuffle_buffer",
+    "rows": "the number of --train_file rows",
+}
 
 
 @dataclass
 class TrainData:
-    """``loader`` yields batches of exactly ``batch_size`` pairs (this rank's share).
+    """The training data of one rank: ``loader`` yields batches of exactly ``batch_size`` pairs.
 
     ``num_samples``: samples in one epoch over all ranks; ``steps_per_epoch``:
     ``num_samples // (batch_size * world_size)``. Ranks may run dry at different steps;
     the training loop stops every rank at the first one that does.
+
+    Batch keys: ``image`` float32 [b, 3, image_res, image_res]; ``input_ids``,
+    ``attention_mask`` long [b, L]; ``image_idx``, ``text_idx`` long [b] in
+    ``[0, data_size)``; ``skipped`` dict kind -> count and ``skipped_shards`` dict source ->
+    count of the bad samples passed over since the producing worker's previous batch (kinds:
+    bad_image, missing_image, missing_caption, empty_caption, bad_caption, huge_image,
+    bad_shard; a source is a shard path, or for caption JSON an image folder or the
+    annotation file). With shards also ``worker`` int, ``consumed`` int and ``worker_done``
+    bool (see :class:`~data.shards.ShardStream`): a worker's last batch of the epoch also
+    counts the bad samples after it.
+
+    Position within an epoch (:meth:`advance`), a JSON-serialisable dict: ``settings`` (what
+    the batch sequence depends on: ``source`` "shards" or "caption_json", ``seed``,
+    ``world_size``, ``rank``, ``workers``, ``batch_size``, and ``shards`` and
+    ``shuffle_buffer`` or ``rows``), ``epoch``, ``batches`` consumed, and with shards
+    ``consumed`` [int per worker stream], ``finished`` [bool per worker stream] and
+    ``last_worker`` (-1 before the first batch).
     """
 
-    loader: Iterable[dict]
+    loader: DataLoader
     num_samples: int
     steps_per_epoch: int
-    epoch_aware: Sequence[_EpochAware]
+    settings: dict[str, int | str]
+    stream: ShardStream | None = None
+    sampler: ResumableSampler | None = None
+    dataset: CaptionJsonDataset | None = None
+    epoch: int = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Call before iterating each epoch: reshuffles and reseeds augmentation."""
-        for part in self.epoch_aware:
-            part.set_epoch(epoch)
+    def set_epoch(self, epoch: int, position: dict | None = None) -> None:
+        """Call before iterating each epoch: reshuffles and reseeds augmentation.
+
+        ``position``: a value of :meth:`advance` in this epoch (from a checkpoint of this
+        rank); the loader then yields exactly the batches that followed it. Raises
+        ValueError when it was taken with other settings.
+        """
+        if position is not None:
+            self._check(position, epoch)
+        self.epoch = epoch
+        if self.stream is not None:
+            self.stream.set_epoch(epoch, position)
+        else:
+            self.sampler.set_epoch(epoch, 0 if position is None else position["batches"])
+            self.dataset.set_epoch(epoch)
+
+    def advance(self, position: dict | None, batch: dict) -> dict:
+        """The epoch's position after consuming ``batch``; ``position`` None is the start of
+        the epoch. Returns a new dict; ``position`` is left as it was."""
+        if position is None:
+            position = {**self.settings, "epoch": self.epoch, "batches": 0}
+            if self.stream is not None:
+                position.update(self.stream.start_position())
+        moved = {**position, "batches": position["batches"] + 1}
+        return self.stream.advance(moved, batch) if self.stream is not None else moved
+
+    def _check(self, position: dict, epoch: int) -> None:
+        if not isinstance(position, dict):
+            raise ValueError(f"the saved data position must be a dict, got {type(position).__name__}")
+        if position.get("source") != self.settings["source"]:
+            raise ValueError(
+                f"the saved data position was taken reading {position.get('source')!r}, but this run reads "
+                f"{self.settings['source']!r}; resume with the same --train_data or --train_file"
+            )
+        if not {*self.settings, "epoch", "batches"} <= position.keys():
+            raise ValueError(
+                f"the saved data position {position!r} lacks some of the keys "
+                f"{sorted({*self.settings, 'epoch', 'batches'})}; resume from a checkpoint written by this code"
+            )
+        for key, current in self.settings.items():
+            if position[key] != current:
+                raise ValueError(
+                    f"the saved data position was taken with {POSITION_SETTINGS[key]} = {position[key]!r}, "
+                    f"but this run has {current!r}; resume with the same --workers, number of ranks, "
+                    "per-rank batch size, seed and data"
+                )
+        if position["epoch"] != epoch or not isinstance(position["batches"], int) or position["batches"] < 0:
+            raise ValueError(
+                f"the saved data position (epoch {position['epoch']!r}, {position['batches']!r} batches) "
+                f"does not belong to epoch {epoch}; pass the position saved in this epoch"
+            )
 
 
 def build_train_data(
@@ -73,11 +147,9 @@ def build_train_data(
     """Training data from webdataset shards (``train_data``) or a caption JSON list
     (``train_file`` with images under ``train_image_root``); exactly one must be given.
 
-    Batches: ``image`` float32 [b, 3, image_res, image_res]; ``input_ids``,
-    ``attention_mask`` long [b, L]; ``image_idx``, ``text_idx`` long [b] in
-    ``[0, data_size)``; ``skipped`` dict kind -> count of bad samples passed over by the
-    producing worker since its previous batch. Paths and settings are checked, and one usable
-    sample is looked for, before this returns.
+    Batches are described in :class:`TrainData`. Paths and settings are checked, and one
+    usable sample is looked for, before this returns. The loader delivers batches in order
+    (``in_order=True``) with fresh workers each epoch, which exact resumption relies on.
     """
     if (train_data is None) == (train_file is None):
         raise ValueError("give exactly one of --train_data (webdataset shards) and --train_file (caption JSON)")
@@ -99,6 +171,7 @@ def build_train_data(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
     )
+    loop_settings = dict(seed=seed, world_size=world_size, rank=rank, workers=workers, batch_size=batch_size)
     if train_data is not None:
         shards = expand_shards(train_data)
         num_samples = train_num_samples if train_num_samples is not None else count_samples(shards)
@@ -117,13 +190,15 @@ def build_train_data(
             seed=seed,
             rank=rank,
             world_size=world_size,
+            workers=workers,
             shuffle_buffer=shuffle_buffer,
         )
         check_keys_from_metadata(shards, data_size)
         _probe_shards(shards, data_size, transform, max_words)
         # batch_size=None: the stream yields whole batches, each from a single worker.
         loader = DataLoader(stream, batch_size=None, **loader_options)
-        epoch_aware: list[_EpochAware] = [stream]
+        settings = dict(source="shards", shards=len(shards), shuffle_buffer=shuffle_buffer, **loop_settings)
+        parts = dict(stream=stream)
     else:
         if train_num_samples is not None:
             raise ValueError("--train_num_samples applies to --train_data shards; a --train_file epoch is all its rows")
@@ -139,14 +214,13 @@ def build_train_data(
         )
         dataset[0]  # raises, naming the image root, when no image near the start can be read
         num_samples = len(dataset)
-        sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
+        sampler = ResumableSampler(dataset, batch_size=batch_size, num_replicas=world_size, rank=rank, seed=seed)
         loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=True, **loader_options)
-        epoch_aware = [sampler, dataset]
+        settings = dict(source="caption_json", rows=num_samples, **loop_settings)
+        parts = dict(sampler=sampler, dataset=dataset)
 
     steps_per_epoch = num_samples // (batch_size * world_size)  # may be 0: the caller decides
-    return TrainData(loader, num_samples, steps_per_epoch, epoch_aware)
+    return TrainData(loader, num_samples, steps_per_epoch, settings, **parts)
 
 
 def _check_settings(
@@ -180,15 +254,15 @@ def _probe_shards(shards: list[str], data_size: int, transform, max_words: int) 
     Stops at the first good sample, so a healthy data set costs one decode. Bad keys
     (non-numeric, beyond ``data_size``) near the start also surface here.
     """
-    skipped: Counter[str] = Counter()
+    skipped = Skips()
     raw = (sample for shard in shards for sample in read_shard(shard, data_size, skipped))
     for sample in islice(raw, PROBE_SAMPLES):
         try:
             decode_sample(sample, transform, max_words, seed=0)
             return
         except BadSampleError as bad:
-            skipped[bad.kind] += 1
+            skipped.add(bad.kind, sample.shard)
     raise ValueError(
         f"no usable image-caption sample at the start of the {len(shards)} shard(s) beginning with "
-        f"{shards[0]} (skipped: {dict(skipped)}); check --train_data"
+        f"{shards[0]} (skipped: {dict(skipped.kinds)}); check --train_data"
     )

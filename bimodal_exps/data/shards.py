@@ -7,8 +7,9 @@ list is permuted by an RNG seeded from ``(seed, e)``; permuted shard ``k`` goes 
 sample is read twice in an epoch. A worker streams its shards, shuffles raw samples in a
 buffer, decodes and augments them, and yields whole tokenised batches. Everything random
 is seeded from ``(seed, epoch, rank, worker)`` and the position in the shuffled stream, so
-the batch sequence is a function of the arguments alone. Bad samples are skipped and
-counted per kind; they never stop the run.
+the batch sequence is a function of the arguments alone, and an epoch can be resumed after
+any batch (see :class:`ShardStream`). Bad samples are skipped and counted per kind and per
+shard; they never stop the run.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import random
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from itertools import islice
 
 import braceexpand
 import numpy as np
@@ -34,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data.batching import (
     BadSampleError,
     Pair,
+    Skips,
     augment_seeded,
     clean_caption,
     derive_seed,
@@ -121,10 +124,11 @@ def check_keys_from_metadata(shards: list[str], data_size: int) -> int | None:
 
 @dataclass
 class RawSample:
-    """Undecoded sample: the members it needs, by lower-case suffix (``jpg``, ``txt``, ...)."""
+    """Undecoded sample of ``shard``: the members it needs, by lower-case suffix (``jpg``, ``txt``, ...)."""
 
     index: int
     members: dict[str, bytes]
+    shard: str
 
 
 def sample_index(key: str, shard: str, data_size: int) -> int:
@@ -140,11 +144,12 @@ def sample_index(key: str, shard: str, data_size: int) -> int:
     return index
 
 
-def read_shard(path: str, data_size: int, skipped: Counter[str]) -> Iterator[RawSample]:
+def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]:
     """Stream the samples of one tar in file order.
 
-    A shard that cannot be opened or read to the end counts once as ``bad_shard`` (with a
-    warning); the samples completed before the fault are kept, the one being read is dropped.
+    A shard that cannot be opened or read to the end counts once as ``bad_shard`` in
+    ``skipped`` (with a warning); the samples completed before the fault are kept, the one
+    being read is dropped.
     """
     kept = (*IMAGE_SUFFIXES, "txt")
     key, members = None, {}
@@ -159,17 +164,17 @@ def read_shard(path: str, data_size: int, skipped: Counter[str]) -> Iterator[Raw
                     continue
                 if (dirname, stem) != key:
                     if key is not None:
-                        yield RawSample(sample_index(key[1], path, data_size), members)
+                        yield RawSample(sample_index(key[1], path, data_size), members, path)
                     key, members = (dirname, stem), {}
                 suffix = suffix.lower()
                 if suffix in kept:
                     members[suffix] = tar.extractfile(info).read()
     except (OSError, EOFError, tarfile.TarError) as error:
         logger.warning("skipping the rest of shard %s: %s: %s", path, type(error).__name__, error)
-        skipped["bad_shard"] += 1
+        skipped.add("bad_shard", path)
         return
     if key is not None:
-        yield RawSample(sample_index(key[1], path, data_size), members)
+        yield RawSample(sample_index(key[1], path, data_size), members, path)
 
 
 def shuffle_buffered(items: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -204,10 +209,23 @@ def decode_sample(raw: RawSample, transform: Callable[[Image.Image], torch.Tenso
 
 
 class ShardStream(IterableDataset):
-    """One rank's share of the shards as a stream of whole batches (use ``batch_size=None``).
+    """One rank's share of the shards as a stream of whole batches, for a DataLoader with
+    ``batch_size=None``, ``num_workers=workers`` and the default in-order delivery.
 
-    Each loader worker batches only its own samples and drops its incomplete last batch.
-    Call :meth:`set_epoch` before creating each epoch's iterator.
+    Each worker stream reads its own shards, batches only its own samples and drops its
+    incomplete last batch. Call :meth:`set_epoch` before creating each epoch's iterator.
+    Besides the :class:`~data.batching.TokenizingCollator` keys, a batch carries ``worker``
+    (the stream that made it), ``consumed`` (samples of that stream's shuffled sequence used
+    up to and including this batch) and ``worker_done`` (True on the stream's last batch of
+    the epoch, whose ``skipped`` counts also hold the bad samples after it; each batch is
+    therefore held back until the next one is full or the stream ends).
+
+    Resuming: the DataLoader takes batches from its workers in turn (0, 1, ..., 0, 1, ...),
+    passing over workers whose stream has ended, so the epoch's batch sequence is fixed by
+    the streams alone. A position within it is how far each stream has been consumed, which
+    streams have finished, and which stream made the last batch. Given one, loader worker
+    ``i`` plays stream ``(i + last + 1) % workers``, so that the stream whose turn comes next
+    starts, and each stream skips its consumed samples without decoding them.
     """
 
     def __init__(
@@ -222,6 +240,7 @@ class ShardStream(IterableDataset):
         seed: int,
         rank: int,
         world_size: int,
+        workers: int,
         shuffle_buffer: int,
     ):
         if len(shards) < world_size:
@@ -238,56 +257,112 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.num_streams = max(workers, 1)  # workers=0: one stream, read in the main process
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, position: Mapping | None = None) -> None:
+        """Start ``epoch`` at its beginning, or right after the batches ``position`` covers (a
+        value of :meth:`advance` in this epoch whose settings the caller has checked)."""
         self.epoch = epoch
+        if position is None:
+            position = self.start_position()
+        n = self.num_streams
+        consumed, finished, last = position["consumed"], position["finished"], position["last_worker"]
+        if not (
+            isinstance(consumed, list)
+            and isinstance(finished, list)
+            and len(consumed) == len(finished) == n
+            and all(isinstance(c, int) and c >= 0 for c in consumed)
+            and all(isinstance(f, bool) for f in finished)
+            and isinstance(last, int)
+            and -1 <= last < n
+        ):
+            raise ValueError(
+                f"malformed shard stream position (consumed {consumed!r}, finished {finished!r}, "
+                f"last_worker {last!r}) for {n} worker stream(s); resume from an unmodified checkpoint"
+            )
+        self.first_stream = (last + 1) % n
+        self.consumed, self.finished = list(consumed), list(finished)
 
-    def worker_shards(self, worker: int, num_workers: int) -> list[str]:
-        """The shards this rank's ``worker`` reads in the current epoch."""
+    def start_position(self) -> dict:
+        """The stream part of a position before the first batch of an epoch."""
+        n = self.num_streams
+        return {"consumed": [0] * n, "finished": [False] * n, "last_worker": -1}
+
+    def advance(self, position: Mapping, batch: Mapping) -> dict:
+        """``position`` (holding the keys of :meth:`start_position`) moved past ``batch``."""
+        worker = int(batch["worker"])
+        consumed, finished = list(position["consumed"]), list(position["finished"])
+        consumed[worker] = int(batch["consumed"])
+        finished[worker] = bool(batch["worker_done"])
+        return {**position, "consumed": consumed, "finished": finished, "last_worker": worker}
+
+    def worker_shards(self, worker: int) -> list[str]:
+        """The shards this rank's stream ``worker`` reads in the current epoch."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
         mine = [self.shards[k] for k in order[self.rank :: self.world_size]]
-        return mine[worker::num_workers]
+        return mine[worker :: self.num_streams]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.batches(worker, num_workers)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_streams:
+            raise ValueError(
+                f"this shard stream was built for {self.num_streams} worker stream(s) but runs in "
+                f"{num_workers}; pass the DataLoader's num_workers as workers"
+            )
+        worker = (loader_worker + self.first_stream) % num_workers
+        if self.finished[worker]:
+            return iter(())
+        return self.batches(worker, start=self.consumed[worker])
 
-    def batches(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """The batches of one worker in the current epoch, deterministically."""
+    def batches(self, worker: int, start: int = 0) -> Iterator[dict]:
+        """The batches of stream ``worker`` in the current epoch, deterministically, after the
+        first ``start`` samples of its shuffled sequence."""
         stream_seed = (self.seed, self.epoch, self.rank, worker)
-        skipped: Counter[str] = Counter()
-        raw = (
-            sample
-            for shard in self.worker_shards(worker, num_workers)
-            for sample in read_shard(shard, self.data_size, skipped)
-        )
+        skipped = Skips()  # bad samples since the last good one
+        raw = (sample for shard in self.worker_shards(worker) for sample in read_shard(shard, self.data_size, skipped))
         shuffled = shuffle_buffered(raw, self.shuffle_buffer, random.Random(derive_seed(*stream_seed)))
+        # The augmentation seed depends only on the offset in the shuffled sequence, so a
+        # resume skips consumed samples without decoding them.
+        if sum(1 for _ in islice(shuffled, start)) < start:
+            raise ValueError(
+                f"the saved data position has {start} samples of worker stream {worker} consumed in epoch "
+                f"{self.epoch}, but its shards hold fewer; resume with the same --train_data and settings"
+            )
+        skipped.take()  # shard faults met while skipping were reported with the consumed batches
         pairs: list[Pair] = []
-        epoch_total: Counter[str] = Counter()
-        # The augmentation seed depends only on the position in the shuffled raw stream, so a
-        # resume can skip raw samples without decoding them.
-        for position, sample in enumerate(shuffled):
+        total = Skips()
+        held: dict | None = None  # the last full batch, yielded once the next is full or the stream ends
+        for offset, sample in enumerate(shuffled, start):
             try:
-                pair = decode_sample(sample, self.transform, self.max_words, derive_seed(*stream_seed, position))
+                pair = decode_sample(sample, self.transform, self.max_words, derive_seed(*stream_seed, offset))
             except BadSampleError as bad:
-                skipped[bad.kind] += 1
+                skipped.add(bad.kind, sample.shard)
                 continue
-            pairs.append(replace(pair, skipped=dict(skipped)))
-            epoch_total.update(skipped)
-            skipped.clear()
+            pairs.append(replace(pair, skipped=skipped.take()))
+            total.update(pairs[-1].skipped)
             if len(pairs) == self.batch_size:
-                yield self.collate(pairs)
+                if held is not None:
+                    yield held
+                held = {**self.collate(pairs), "worker": worker, "consumed": offset + 1, "worker_done": False}
                 pairs = []
-        # Counts after the last full batch reach no batch; the total is logged instead.
-        epoch_total.update(skipped)
-        if epoch_total:
+        # Bad samples after the last full batch, including those before the dropped pairs.
+        after_last = skipped.take()
+        total.update(after_last)
+        for pair in pairs:
+            after_last.update(pair.skipped)
+        if total:
             logger.warning(
-                "rank %d worker %d skipped bad samples in epoch %d: %s",
+                "rank %d worker stream %d skipped bad samples in epoch %d: %s",
                 self.rank,
                 worker,
                 self.epoch,
-                dict(sorted(epoch_total.items())),
+                dict(sorted(total.kinds.items())),
             )
+        if held is not None:
+            held["skipped"] = dict(Counter(held["skipped"]) + after_last.kinds)
+            held["skipped_shards"] = dict(Counter(held["skipped_shards"]) + after_last.sources)
+            held["worker_done"] = True
+            yield held

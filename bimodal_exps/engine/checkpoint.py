@@ -1,8 +1,20 @@
-"""Checkpoint files: written atomically, found again for --resume auto."""
+"""Checkpoint files in ``--output_dir``: atomic writes, step and epoch files, pruning.
+
+    checkpoint_<epoch>.pth        after every epoch (kept)
+    checkpoint_step<step>.pth     every --save_every_steps steps and on preemption (the newest
+                                  --keep_step_checkpoints are kept)
+    checkpoint_latest.pth         the newest of all of them (what --resume auto loads)
+    checkpoint_best.pth           the epoch checkpoint with the best validation r_mean
+
+Every file is written to a temporary name and renamed into place, so a process killed while
+writing leaves the previous file intact; ``latest`` and ``best`` are hard links when the file
+system allows.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,11 +23,11 @@ import torch
 
 LATEST = "checkpoint_latest.pth"
 BEST = "checkpoint_best.pth"
+_STEP_FILE = re.compile(r"checkpoint_step(\d+)\.pth")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` to a temporary file beside ``path``, then rename it into place, so a
-    crash mid-write leaves the previous file intact."""
+    """Write ``state`` to a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -29,10 +41,10 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         raise
 
 
-def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Make ``dst`` the same checkpoint as ``src`` (a hard link when possible, else a copy)."""
+def link_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` the same checkpoint as ``src`` (a hard link when possible, else a copy), atomically."""
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -46,6 +58,38 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    path = Path(output_dir) / LATEST
-    return path if path.is_file() else None
+class CheckpointDir:
+    """The checkpoints of one run (written by rank 0 only)."""
+
+    def __init__(self, output_dir: str | Path, keep_step_checkpoints: int = 2) -> None:
+        self.dir = Path(output_dir)
+        self.keep = keep_step_checkpoints
+
+    def latest(self) -> Path | None:
+        path = self.dir / LATEST
+        return path if path.is_file() else None
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of a process killed while writing: never complete, never needed."""
+        for tmp in self.dir.glob(".checkpoint_*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def save_step(self, state: dict, step: int) -> Path:
+        path = self.dir / f"checkpoint_step{step}.pth"
+        save_checkpoint(state, path)
+        link_checkpoint(path, self.dir / LATEST)
+        self._prune_steps()
+        return path
+
+    def save_epoch(self, state: dict, epoch: int, is_best: bool) -> Path:
+        path = self.dir / f"checkpoint_{epoch}.pth"
+        save_checkpoint(state, path)
+        link_checkpoint(path, self.dir / LATEST)
+        if is_best:
+            link_checkpoint(path, self.dir / BEST)
+        return path
+
+    def _prune_steps(self) -> None:
+        steps = sorted((int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_FILE.fullmatch(p.name)))
+        for _, path in steps[: max(0, len(steps) - self.keep)]:
+            path.unlink(missing_ok=True)

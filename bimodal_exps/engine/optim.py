@@ -31,9 +31,7 @@ def param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float)
     ]
 
 
-def build_optimizer(
-    model: nn.Module, loss_fn: nn.Module | None, lr: float, weight_decay: float
-) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, loss_fn: nn.Module | None, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, loss_fn, weight_decay), lr=lr)
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-log = logging.getLogger("clip")
+RECORDS = ("log.jsonl", "eval.jsonl")
 
 
 def setup_logging(output_dir: str | Path | None, is_main: bool) -> None:
-    """Console (rank 0) and ``output_dir/train.log`` (rank 0) handlers for every logger."""
+    """Console and ``output_dir/train.log`` handlers (rank 0); other ranks log warnings only."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -30,10 +31,32 @@ def setup_logging(output_dir: str | Path | None, is_main: bool) -> None:
 class RunLog:
     """Appends JSON lines and TensorBoard scalars; a no-op on ranks other than 0."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool) -> None:
         self.dir = Path(output_dir)
         self.enabled = enabled
-        self.writer = SummaryWriter(str(self.dir / "tensorboard")) if enabled and tensorboard else None
+        self._writer: SummaryWriter | None = None
+        self._purge_step: int | None = None
+
+    def resume_at(self, step: int) -> None:
+        """Continue a run from a checkpoint of ``step``: drop the records written after it (the
+        interrupted run got further than its last checkpoint), so each file reads as one run."""
+        if not self.enabled:
+            return
+        for name in RECORDS:
+            path = self.dir / name
+            if path.is_file():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+        self._purge_step = step + 1
+
+    @property
+    def writer(self) -> SummaryWriter:
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=self._purge_step)
+        return self._writer
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.dir / name, "a") as f:
@@ -44,21 +67,19 @@ class RunLog:
         if not self.enabled:
             return
         self._append("log.jsonl", record)
-        if self.writer:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
 
     def eval(self, record: dict, step: int) -> None:
-        """One evaluation line: {"dataset", "split", "epoch", metrics...}."""
+        """One evaluation line: {"dataset", "split", "tag", "epoch", "step", metrics...}."""
         if not self.enabled:
             return
         self._append("eval.jsonl", record)
-        if self.writer:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    self.writer.add_scalar(f"{record['dataset']}_{record['split']}/{key}", value, step)
+        for key, value in record.items():
+            if isinstance(value, float):
+                self.writer.add_scalar(f"{record['dataset']}_{record['split']}/{key}", value, step)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -62,8 +62,7 @@ def _checked_inputs(
         raise ValueError("recall needs at least one image and one caption")
     if txt2img.dtype.is_floating_point or txt2img.shape != (len(text_emb),):
         raise ValueError(
-            f"txt2img must be an integer tensor [Nt] = [{len(text_emb)}], "
-            f"got {txt2img.dtype} {tuple(txt2img.shape)}"
+            f"txt2img must be an integer tensor [Nt] = [{len(text_emb)}], got {txt2img.dtype} {tuple(txt2img.shape)}"
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -152,11 +151,8 @@ def embed_retrieval_split(
     )
     captions = split.captions[n_txt * rank // world : n_txt * (rank + 1) // world]
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    progress = tqdm(
-        total=len(loader) + math.ceil(len(captions) / batch_size),
-        desc="embedding split",
-        unit="batch",
-        disable=not parallel.is_main_process(),
+    progress = parallel.progress_bar(
+        total=len(loader) + math.ceil(len(captions) / batch_size), desc="embedding split", unit="batch"
     )
     with evaluating(model), progress:
         image_parts = []

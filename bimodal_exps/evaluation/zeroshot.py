@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.models._meta import _IMAGENET_CATEGORIES
-from tqdm import tqdm
 
 import parallel
 from data.transforms import eval_transform
@@ -42,9 +41,7 @@ def build_zeroshot_classifier(
         raise ValueError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
     unfilled = [t for t in templates if "{}" not in t]
     if unfilled:
-        raise ValueError(
-            f"every prompt template needs a '{{}}' for the class name; these have none: {unfilled}"
-        )
+        raise ValueError(f"every prompt template needs a '{{}}' for the class name; these have none: {unfilled}")
     prompts = [t.replace("{}", name) for name in classnames for t in templates]
     with evaluating(model):
         emb = encode_texts(
@@ -91,7 +88,7 @@ def evaluate_zeroshot(
         model, classnames, templates, tokenizer, max_words=max_words, device=device, amp_dtype=amp_dtype
     )
     with evaluating(model):
-        for images, labels in tqdm(loader, desc=f"zero-shot {name}", disable=not parallel.is_main_process()):
+        for images, labels in parallel.progress_bar(loader, desc=f"zero-shot {name}"):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 features = model.encode_image(images.to(device, non_blocking=True))
             # Scores in float32, outside autocast, as for retrieval.
@@ -102,9 +99,7 @@ def evaluate_zeroshot(
     return {"zs_top1": 100.0 * int(hits[0]) / n, "zs_top5": 100.0 * int(hits[1]) / n}
 
 
-def zeroshot_dataset(
-    name: str, folder: str | os.PathLike, image_res: int
-) -> tuple[Dataset, list[str], list[str]]:
+def zeroshot_dataset(name: str, folder: str | os.PathLike, image_res: int) -> tuple[Dataset, list[str], list[str]]:
     """(dataset of (image [3, image_res, image_res], label), class names, prompt templates).
 
     cifar10 / cifar100: torchvision's on-disk layout under ``folder`` (test split; never downloaded).
@@ -155,9 +150,7 @@ def _cifar(name: str, folder: str, transform) -> tuple[Dataset, list[str], list[
         ) from e
     classnames = _read_lines(ZEROSHOT_DATA / name / "classnames.txt")
     if [c.replace(" ", "_") for c in classnames] != dataset.classes:
-        raise ValueError(
-            f"{ZEROSHOT_DATA / name / 'classnames.txt'} does not match the labels of {extracted}"
-        )
+        raise ValueError(f"{ZEROSHOT_DATA / name / 'classnames.txt'} does not match the labels of {extracted}")
     return dataset, classnames, _read_lines(ZEROSHOT_DATA / name / "templates.txt")
 
 

@@ -308,9 +308,7 @@ class SogCLRLoss(ContrastiveLoss):
         return loss, {"gamma": gamma, **_floats(stats)}
 
 
-def eta_at(
-    epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_base: float, epochs: int
-) -> float:
+def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_base: float, epochs: int) -> float:
     """Temperature learning rate for a 0-based epoch (ALGORITHMS.md 3)."""
     if schedule == "const":
         return eta_init

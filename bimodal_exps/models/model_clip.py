@@ -16,9 +16,7 @@ class PretrainedUnavailableError(RuntimeError):
     """Weights, a config or a tokenizer could not be loaded (typically: offline, not cached)."""
 
 
-def _offline_help(
-    what: str, fill_cache: str, original: Exception, weights: bool
-) -> PretrainedUnavailableError:
+def _offline_help(what: str, fill_cache: str, original: Exception, weights: bool) -> PretrainedUnavailableError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     return PretrainedUnavailableError(
         f"could not load {what} ({type(original).__name__}: {str(original).splitlines()[0][:200]}). "

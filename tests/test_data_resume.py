@@ -1,0 +1,261 @@
+"""Exact mid-epoch resumption of the training data, on real tars and real JPEG files.
+
+An epoch is run without interruption, recording every batch and the position after it;
+then fresh data objects are started from some of those positions and must yield exactly
+the batches that followed, and the same positions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.loaders import build_train_data
+from shard_factory import (
+    caption_of,
+    jpeg_bytes,
+    make_tokenizer,
+    sample_members,
+    truncated_jpeg,
+    write_caption_files,
+    write_tar,
+)
+
+EPOCH = 1
+MAX_WORDS = 30
+ROWS_PER_SHARD = 20  # key range of each shard; shard s holds keys from s * ROWS_PER_SHARD
+GOOD_PER_SHARD = [7, 3, 12, 5, 9]  # unequal, so worker streams run out at different batches
+DATA_SIZE = ROWS_PER_SHARD * len(GOOD_PER_SHARD)
+TRUNCATED_SHARD, KEPT_BEFORE_CUT = 4, 6  # shard 4 ends inside its 7th sample
+TENSOR_KEYS = ("image", "input_ids", "attention_mask", "image_idx", "text_idx")
+CAPTION_ROWS, BROKEN_ROW = 22, 9
+
+# Three workers on a two-core test machine are intended here.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+
+def key(index: int) -> str:
+    return f"{index:09d}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer([caption_of(i) for i in range(DATA_SIZE)], MAX_WORDS)
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> Path:
+    """Five shards of unequal length; shard 2 holds two bad samples, shard 4 is truncated."""
+    root = tmp_path_factory.mktemp("uneven_shards")
+    for s, count in enumerate(GOOD_PER_SHARD):
+        samples = [(key(i), sample_members(i, key(i))) for i in range(s * ROWS_PER_SHARD, s * ROWS_PER_SHARD + count)]
+        if s == 2:
+            bad = s * ROWS_PER_SHARD + 15
+            samples.insert(4, (key(bad), {"jpg": truncated_jpeg(bad), "txt": b"a truncated image"}))
+            samples.insert(8, (key(bad + 1), {"jpg": jpeg_bytes("red")}))
+        write_tar(root / f"{s:05d}.tar", samples)
+    path = root / f"{TRUNCATED_SHARD:05d}.tar"
+    data = path.read_bytes()
+    cut = data.index(f"{key(TRUNCATED_SHARD * ROWS_PER_SHARD + KEPT_BEFORE_CUT)}.jpg".encode()) + 512 + 100
+    path.write_bytes(data[:cut])
+    return root
+
+
+def shard_data(root: Path, tokenizer, **overrides):
+    args = dict(
+        train_data=str(root),
+        train_file=None,
+        train_image_root=None,
+        train_num_samples=40,
+        data_size=DATA_SIZE,
+        tokenizer=tokenizer,
+        image_res=16,
+        max_words=MAX_WORDS,
+        batch_size=2,
+        workers=0,
+        seed=3,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=4,
+    )
+    args.update(overrides)
+    return build_train_data(**args)
+
+
+def caption_data(files: tuple[Path, Path], tokenizer, **overrides):
+    ann, images = files
+    args = dict(
+        train_data=None,
+        train_file=str(ann),
+        train_image_root=str(images),
+        train_num_samples=None,
+        data_size=CAPTION_ROWS,
+        tokenizer=tokenizer,
+        image_res=16,
+        max_words=MAX_WORDS,
+        batch_size=3,
+        workers=0,
+        seed=3,
+        rank=0,
+        world_size=1,
+    )
+    args.update(overrides)
+    return build_train_data(**args)
+
+
+def run_epoch(data, position: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Batches of epoch ``EPOCH`` from ``position`` on, and the position after each, each
+    position passed through JSON as a checkpoint would store it."""
+    data.set_epoch(EPOCH, position)
+    batches, positions = [], []
+    for batch in data.loader:
+        position = data.advance(position, batch)
+        assert json.loads(json.dumps(position)) == position
+        position = json.loads(json.dumps(position))
+        batches.append(batch)
+        positions.append(position)
+    return batches, positions
+
+
+def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            if name in TENSOR_KEYS:
+                assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+            else:
+                assert a[name] == b[name], name
+
+
+def first_point_with_next_stream_finished(positions: list[dict]) -> int | None:
+    """Batches consumed at the first point before the end where the stream whose turn comes
+    next has already finished (so the loader must pass over it), or None."""
+    for k, p in enumerate(positions[:-1], start=1):
+        if "finished" in p and p["finished"][(p["last_worker"] + 1) % len(p["finished"])]:
+            return k
+    return None
+
+
+def resume_points(positions: list[dict]) -> list[int]:
+    """Numbers of consumed batches to resume after: the first, the middle, the last two, the
+    end, and the first point where the next stream has finished."""
+    n = len(positions)
+    points = {1, n // 2, n - 1, n, first_point_with_next_stream_finished(positions)}
+    return sorted(k for k in points if k is not None and 1 <= k <= n)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_shard_epoch_resumes_exactly_after_any_batch(shard_root, tokenizer, workers, world_size):
+    for rank in range(world_size):
+        settings = dict(workers=workers, rank=rank, world_size=world_size)
+        batches, positions = run_epoch(shard_data(shard_root, tokenizer, **settings))
+        seen = [i for b in batches for i in b["image_idx"].tolist()]
+        assert len(seen) == len(set(seen)) > 0
+        if workers > 1 and world_size == 1:  # the uneven shards make a stream finish early
+            assert first_point_with_next_stream_finished(positions) < len(batches) - 1
+        for k in resume_points(positions):
+            rest, rest_positions = run_epoch(shard_data(shard_root, tokenizer, **settings), positions[k - 1])
+            assert_same_batches(rest, batches[k:])
+            assert rest_positions == positions[k:]
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_every_bad_sample_of_an_epoch_reaches_a_batch_with_its_shard(shard_root, tokenizer, workers):
+    # Both ranks together read every shard once; nothing is lost at the end of a stream.
+    kinds, shards = Counter(), Counter()
+    for rank in range(2):
+        data = shard_data(shard_root, tokenizer, workers=workers, rank=rank, world_size=2)
+        batches, _ = run_epoch(data)
+        for batch in batches:
+            kinds.update(batch["skipped"])
+            shards.update(batch["skipped_shards"])
+    assert kinds == Counter(bad_image=1, missing_caption=1, bad_shard=1)
+    assert shards == Counter({str(shard_root / "00002.tar"): 2, str(shard_root / f"{TRUNCATED_SHARD:05d}.tar"): 1})
+
+
+@pytest.fixture(scope="module")
+def caption_files(tmp_path_factory) -> tuple[Path, Path]:
+    ann, images = write_caption_files(tmp_path_factory.mktemp("caption_resume"), CAPTION_ROWS)
+    (images / f"{BROKEN_ROW // 2:04d}.jpg").write_bytes(b"not a jpeg")
+    return ann, images
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_caption_json_epoch_resumes_exactly_after_any_batch(caption_files, tokenizer, workers, world_size):
+    for rank in range(world_size):
+        settings = dict(workers=workers, rank=rank, world_size=world_size)
+        batches, positions = run_epoch(caption_data(caption_files, tokenizer, **settings))
+        assert [p["batches"] for p in positions] == list(range(1, len(batches) + 1))
+        for k in resume_points(positions):
+            rest, rest_positions = run_epoch(caption_data(caption_files, tokenizer, **settings), positions[k - 1])
+            assert_same_batches(rest, batches[k:])
+            assert rest_positions == positions[k:]
+
+
+def test_position_from_other_settings_is_refused(shard_root, caption_files, tokenizer):
+    data = shard_data(shard_root, tokenizer, workers=2)
+    data.set_epoch(EPOCH)
+    position = None
+    for batch, _ in zip(data.loader, range(3), strict=False):
+        position = data.advance(position, batch)
+    changes = {
+        r"--workers = 2, but this run has 3": dict(workers=3),
+        r"per-rank batch size = 2, but this run has 4": dict(batch_size=4),
+        r"number of ranks = 1, but this run has 2": dict(world_size=2),
+        r"--seed = 3, but this run has 4": dict(seed=4),
+        r"--shuffle_buffer = 4, but this run has 8": dict(shuffle_buffer=8),
+    }
+    for message, change in changes.items():
+        with pytest.raises(ValueError, match=message):
+            shard_data(shard_root, tokenizer, **{"workers": 2, **change}).set_epoch(EPOCH, position)
+    with pytest.raises(ValueError, match=r"does not belong to epoch 2"):
+        data.set_epoch(EPOCH + 1, position)
+    with pytest.raises(ValueError, match=r"reading 'shards', but this run reads 'caption_json'"):
+        caption_data(caption_files, tokenizer).set_epoch(EPOCH, position)
+    with pytest.raises(ValueError, match=r"malformed shard stream position"):
+        data.set_epoch(EPOCH, {**position, "consumed": position["consumed"][:1]})
+
+
+def test_position_beyond_the_data_is_refused(shard_root, caption_files, tokenizer):
+    shards = shard_data(shard_root, tokenizer)
+    shards.set_epoch(EPOCH)
+    position = shards.advance(None, {"worker": 0, "consumed": 10_000, "worker_done": False})
+    shards.set_epoch(EPOCH, position)
+    with pytest.raises(ValueError, match=r"10000 samples of worker stream 0 consumed .* hold fewer"):
+        next(iter(shards.loader))
+    captions = caption_data(caption_files, tokenizer)
+    captions.set_epoch(EPOCH)
+    position = {**captions.advance(None, {}), "batches": 8}
+    with pytest.raises(ValueError, match=r"8 batches into the epoch, but this rank's epoch holds 7 batches of 3"):
+        captions.set_epoch(EPOCH, position)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_after_the_last_batch_are_counted_on_it(tmp_path, tokenizer, workers):
+    # Each shard: five good samples, then a sample without caption and one with an empty
+    # caption. With batch size 2 and no shuffling, a stream's last bad samples follow its
+    # last full batch.
+    for s in range(2):
+        good = [(key(i), sample_members(i, key(i))) for i in range(10 * s, 10 * s + 5)]
+        bad = [
+            (key(10 * s + 5), {"jpg": jpeg_bytes("red")}),
+            (key(10 * s + 6), {"jpg": jpeg_bytes("red"), "txt": b"?!"}),
+        ]
+        write_tar(tmp_path / f"{s:05d}.tar", good + bad)
+    data = shard_data(tmp_path, tokenizer, train_data=str(tmp_path), workers=workers, shuffle_buffer=1)
+    batches, _ = run_epoch(data)
+    assert sum((Counter(b["skipped"]) for b in batches), Counter()) == Counter(missing_caption=2, empty_caption=2)
+    shards = sum((Counter(b["skipped_shards"]) for b in batches), Counter())
+    assert shards == Counter({str(tmp_path / "00000.tar"): 2, str(tmp_path / "00001.tar"): 2})
+    last = batches[-1]
+    assert last["worker_done"] and last["skipped"] == {"missing_caption": 1, "empty_caption": 1}
+    if workers == 2:  # one shard per stream: each stream's bad samples ride on its last batch
+        assert [b["worker_done"] for b in batches] == [False, False, True, True]
+        assert all(b["skipped"] == {} for b in batches[:2])
