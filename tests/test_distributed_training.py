@@ -16,20 +16,14 @@ import socket
 import traceback
 
 import pytest
-import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import BertConfig, BertModel
 
-from engine.checkpoint import CheckpointDir
-from engine.preemption import StopRequest
-from engine.run_log import RunLog
-from engine.trainer import Trainer
 from models.losses import build_loss
-from models.model_clip import CLIPModel
+from tiny_training import GLOBAL_BATCH, ListData, global_batches, make_trainer, tiny_model
 
-GLOBAL_BATCH, STEPS, DATA_SIZE = 12, 3, 30
+DATA_SIZE = 30
 LOSS_SETUPS = {
     "clip": {"temp": 0.05},
     "clip_learnable": {"temp": 0.05, "learnable_temp": True},
@@ -38,86 +32,19 @@ LOSS_SETUPS = {
 }
 
 
-def tiny_model() -> CLIPModel:
-    torch.manual_seed(0)
-    image = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2
-    )
-    text = BertModel(
-        BertConfig(
-            vocab_size=40,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    )
-    return CLIPModel(image, text, embed_dim=8)
-
-
-def global_batches() -> list[dict]:
-    """STEPS global batches; indices repeat across steps and, in the last step, across ranks."""
-    g = torch.Generator().manual_seed(1)
-    index_sets = [
-        list(range(12)),
-        [3, 14, 5, 16, 7, 18, 9, 20, 11, 22, 0, 24],
-        [1, 25, 2, 26, 25, 27, 4, 28, 1, 29, 6, 2],
-    ]
-    batches = []
-    for idx in index_sets[:STEPS]:
-        batches.append(
-            {
-                "image": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
-                "input_ids": torch.randint(1, 40, (GLOBAL_BATCH, 7), generator=g),
-                "attention_mask": torch.ones(GLOBAL_BATCH, 7, dtype=torch.long),
-                "image_idx": torch.tensor(idx),
-                "text_idx": torch.tensor(idx[::-1]),
-            }
-        )
-    return batches
-
-
-class OneBatchData:
-    """The training loop's data interface around one given batch (the real pipeline is tested elsewhere)."""
-
-    def __init__(self, batch: dict) -> None:
-        self.loader = [batch]
-
-    def set_epoch(self, epoch: int, position: dict | None = None) -> None:
-        pass
-
-    def advance(self, position: dict | None, batch: dict) -> None:
-        return None
-
-
 def run_steps(model, loss_fn, batches, tmp_dir) -> tuple[list[dict], list[float]]:
     """One Trainer.train_epoch per batch; returns each step's parameter changes and logged loss.
 
     The Trainer wraps the model in DistributedDataParallel when a process group is up.
     """
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.SGD(params, lr=1.0)
-    trainer = Trainer(
-        model=model,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        amp_dtype=None,
-        device=torch.device("cpu"),
-        run_log=RunLog(tmp_dir, enabled=False),
-        checkpoints=CheckpointDir(tmp_dir),
-        stop=StopRequest(),
-        log_every=1,
+    trainer = make_trainer(
+        model, loss_fn, torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=1.0), tmp_dir
     )
     deltas, losses = [], []
     for batch in batches:
         before = {k: v.detach().clone() for k, v in model.named_parameters()}
         before.update({f"loss.{k}": v.detach().clone() for k, v in loss_fn.named_parameters()})
-        assert trainer.train_epoch(OneBatchData(batch), steps=1)
+        assert trainer.train_epoch(ListData([batch]), steps=1)
         after = dict(model.named_parameters()) | {f"loss.{k}": v for k, v in loss_fn.named_parameters()}
         deltas.append({k: (after[k].detach() - before[k]) for k in before})
         losses.append(trainer.last_log["loss"])

@@ -1,0 +1,89 @@
+"""A tiny model, fixed batches and a Trainer around them: the real training loop without the data
+pipeline (tested on its own), for tests of the loop itself."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from transformers import BertConfig, BertModel
+
+from engine.checkpoint import CheckpointDir
+from engine.preemption import StopRequest
+from engine.run_log import RunLog
+from engine.trainer import Trainer
+from models.model_clip import CLIPModel
+
+GLOBAL_BATCH, STEPS = 12, 3
+
+
+def tiny_model() -> CLIPModel:
+    torch.manual_seed(0)
+    image = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2
+    )
+    text = BertModel(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    return CLIPModel(image, text, embed_dim=8)
+
+
+def global_batches() -> list[dict]:
+    """STEPS global batches; indices repeat across steps and, in the last step, across ranks."""
+    g = torch.Generator().manual_seed(1)
+    index_sets = [
+        list(range(12)),
+        [3, 14, 5, 16, 7, 18, 9, 20, 11, 22, 0, 24],
+        [1, 25, 2, 26, 25, 27, 4, 28, 1, 29, 6, 2],
+    ]
+    batches = []
+    for idx in index_sets[:STEPS]:
+        batches.append(
+            {
+                "image": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
+                "input_ids": torch.randint(1, 40, (GLOBAL_BATCH, 7), generator=g),
+                "attention_mask": torch.ones(GLOBAL_BATCH, 7, dtype=torch.long),
+                "image_idx": torch.tensor(idx),
+                "text_idx": torch.tensor(idx[::-1]),
+            }
+        )
+    return batches
+
+
+class ListData:
+    """The training loop's data interface over a fixed list of batches."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.loader = batches
+
+    def set_epoch(self, epoch: int, position: dict | None = None) -> None:
+        pass
+
+    def advance(self, position: dict | None, batch: dict) -> None:
+        return None
+
+
+def make_trainer(model, loss_fn, optimizer, tmp_dir, **kwargs) -> Trainer:
+    """A Trainer on the CPU with a constant learning rate, logging every step to ``tmp_dir``."""
+    return Trainer(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp_dtype=None,
+        device=torch.device("cpu"),
+        run_log=RunLog(tmp_dir, enabled=True),
+        checkpoints=CheckpointDir(tmp_dir),
+        stop=StopRequest(),
+        log_every=1,
+        **kwargs,
+    )
