@@ -45,10 +45,6 @@ class _GlobalBatch:
     sim_txt: torch.Tensor
     pos: torch.Tensor
 
-    @property
-    def global_size(self) -> int:
-        return self.sim_img.shape[1]
-
 
 def _gather_similarities(image_feat: torch.Tensor, text_feat: torch.Tensor) -> _GlobalBatch:
     image_feat, text_feat = image_feat.float(), text_feat.float()
@@ -133,9 +129,8 @@ class ContrastiveLoss(nn.Module):
         value is non-finite. Returns that all-finite flag (a 0-dim bool tensor).
         """
         names = list(columns)
-        packed = torch.stack(
-            [t.double() for name in names for t in columns[name]], dim=1
-        )  # [b, 2 * len(names)]; float64 holds indices exactly up to 2**53
+        # [b, 2 * len(names)] of (index, value) pairs; float64 holds indices exactly up to 2**53
+        packed = torch.stack([t.double() for name in names for t in columns[name]], dim=1)
         packed = parallel.all_gather_cat(packed)
         finite = torch.isfinite(packed).all()
         for k, name in enumerate(names):
