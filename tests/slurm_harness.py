@@ -3,9 +3,13 @@
 munged, slurmctld and slurmd (Debian's slurm-wlm packages) run in the foreground as children
 of this process, with every file (configuration, key, state, spool, logs) in one folder and
 their own ports: one node, ``localhost``, with this machine's CPUs, no GPUs, no accounting.
-Jobs are submitted with ``sbatch --wait``. ``stop()`` cancels what is left, waits for the
-jobs' step daemons to finish and ends the three daemons by pid; the daemons are also told
-to exit if this process dies first, so nothing outlives a test session.
+Jobs are submitted with ``sbatch`` and polled with ``scontrol`` until they have ended for
+good, so a job that requeues itself is followed through its restarts. A requeued job may start
+again after REQUEUE_DELAY seconds (Slurm's default is 120 s) and the scheduler looks at pending
+jobs every second (default: 30 to 60 s), so requeues cost the tests seconds, not minutes.
+``stop()`` cancels what is left, waits for the jobs' step daemons to finish and ends the
+three daemons by pid; the daemons are also told to exit if this process dies first, so
+nothing outlives a test session.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from pathlib import Path
 
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 PACKAGES = "slurmctld slurmd slurm-client munge"
+TORCH_LAUNCH = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
 NODE = "localhost"  # the node's name is also the rendezvous host of its jobs: it must resolve
+REQUEUE_DELAY = 5  # seconds; Slurm's cred_expire, which also sets how long a requeued job waits
+# the states of a job that has ended and will not run again (a requeued job passes through
+# PENDING, not through these)
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE"}
 
 
 def unavailable_reason() -> str | None:
@@ -43,11 +52,13 @@ def unavailable_reason() -> str | None:
 
 @dataclass
 class Job:
-    """A finished batch job: Slurm's final state, the script's exit status and its log file."""
+    """A finished batch job: Slurm's final state, the script's exit status, how often it was
+    requeued and its log file."""
 
     job_id: int
     state: str
     exit_code: int
+    restarts: int
     log: Path
 
     def output(self) -> str:
@@ -67,8 +78,13 @@ def _exit_with_parent() -> None:
 
 
 def env_without_slurm(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without the variables of any Slurm job it runs in, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+    """This environment without the variables of any Slurm job or torch launcher it runs in
+    (a rendezvous set outside would override the one the scripts derive), plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_")) and k not in TORCH_LAUNCH
+    }
     return {**env, **(extra or {})}
 
 
@@ -117,6 +133,41 @@ class LocalSlurm:
             self.stop()
             raise
 
+    def start_job(
+        self,
+        script: Path,
+        args: list[str] | tuple[str, ...] = (),
+        options: list[str] | tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> int:
+        """``sbatch [options] script [args]`` from ``cwd`` with ``env`` added to this environment.
+
+        Returns the job id at once; raises if sbatch itself fails.
+        """
+        cmd = ["sbatch", "--parsable", *options, str(script), *args]
+        done = subprocess.run(cmd, cwd=cwd, env=self.env(env), capture_output=True, text=True, timeout=60)
+        match = re.match(r"(\d+)", done.stdout)
+        if match is None:
+            raise RuntimeError(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
+        return int(match.group(1))
+
+    def job_state(self, job_id: int) -> str:
+        """PENDING, RUNNING, COMPLETING, or one of ENDED."""
+        return re.search(r"JobState=(\S+)", self.command("scontrol", "show", "job", str(job_id))).group(1)
+
+    def wait_for_job(self, job_id: int, timeout: float = 600) -> Job:
+        """Wait until the job has ended for good (a requeued job runs again first)."""
+        self._wait_for(lambda: self.job_state(job_id) in ENDED, timeout, f"job {job_id} to end")
+        info = self.command("scontrol", "show", "job", str(job_id))
+        return Job(
+            job_id=job_id,
+            state=re.search(r"JobState=(\S+)", info).group(1),
+            exit_code=int(re.search(r"ExitCode=(\d+):", info).group(1)),
+            restarts=int(re.search(r"Restarts=(\d+)", info).group(1)),
+            log=Path(re.search(r"StdOut=(\S+)", info).group(1)),
+        )
+
     def submit(
         self,
         script: Path,
@@ -126,30 +177,17 @@ class LocalSlurm:
         cwd: Path | None = None,
         timeout: float = 600,
     ) -> Job:
-        """``sbatch --wait [options] script [args]`` from ``cwd`` with ``env`` added to this environment.
-
-        Returns once the job has ended, whatever its outcome; raises if sbatch itself fails.
-        """
-        cmd = ["sbatch", "--parsable", "--wait", *options, str(script), *args]
-        done = subprocess.run(cmd, cwd=cwd, env=self.env(env), capture_output=True, text=True, timeout=timeout)
-        match = re.match(r"(\d+)", done.stdout)
-        if match is None:
-            raise RuntimeError(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
-        job_id = int(match.group(1))
-        info = self._run("scontrol", "show", "job", str(job_id))
-        state = re.search(r"JobState=(\S+)", info).group(1)
-        exit_code = int(re.search(r"ExitCode=(\d+):", info).group(1))
-        log = Path(re.search(r"StdOut=(\S+)", info).group(1))
-        return Job(job_id, state, exit_code, log)
+        """``start_job``, then ``wait_for_job``: returns once the job has ended, whatever its outcome."""
+        return self.wait_for_job(self.start_job(script, args, options, env, cwd), timeout)
 
     def stop(self, timeout: float = 60) -> None:
         """Cancel every job, wait for their step daemons to exit, then end the daemons."""
         controller = self._daemons.get("slurmctld")
         if controller is not None and controller.poll() is None:
             try:
-                jobs = self._run("squeue", "--noheader", "--format=%i").split()
+                jobs = self.command("squeue", "--noheader", "--format=%i").split()
                 if jobs:
-                    self._run("scancel", *jobs)
+                    self.command("scancel", *jobs)
             except subprocess.SubprocessError:
                 pass  # the jobs' step daemons end with the jobs' time limits
         # each running job step holds a socket <node>_<job>.<step> in the spool folder
@@ -183,7 +221,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={REQUEUE_DELAY}
 StateSaveLocation={f / "state"}
 SlurmdSpoolDir={self.spool}
 SlurmctldPidFile={f / "slurmctld.pid"}
@@ -196,6 +234,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
@@ -215,11 +254,12 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     def _node_idle(self) -> bool:
         try:
-            return "State=IDLE" in self._run("scontrol", "show", "node", NODE)
+            return "State=IDLE" in self.command("scontrol", "show", "node", NODE)
         except subprocess.SubprocessError:
             return False  # slurmctld not answering yet
 
-    def _run(self, *cmd: str) -> str:
+    def command(self, *cmd: str) -> str:
+        """Run a Slurm command (``scontrol``, ``scancel``, ...) against this cluster; its output."""
         return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, check=True, timeout=30).stdout
 
     def _log_tails(self) -> str:
