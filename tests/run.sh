@@ -10,7 +10,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 slurm_packages="slurmctld slurmd slurm-client munge"
 
-have_slurm() { command -v munged slurmctld slurmd sbatch srun scontrol > /dev/null; }
+# Slurm's daemons live in sbin, which the PATH of a non-login shell may lack
+case ":$PATH:" in
+    *:/usr/sbin:*) ;;
+    *) export PATH="$PATH:/usr/sbin:/sbin" ;;
+esac
+
+have_slurm() {
+    local command
+    for command in munged slurmctld slurmd sbatch srun scontrol; do
+        command -v "$command" > /dev/null || return 1
+    done
+}
 
 install_slurm() {
     local log policy=/usr/sbin/policy-rc.d added= status=0
