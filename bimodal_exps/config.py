@@ -10,13 +10,15 @@ against the working directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import typing
 from pathlib import Path
 
 import yaml
 
-from models.losses import LOSS_ALIASES, LOSSES
+from models.losses import LOSS_ALIASES, LOSSES, loss_hparam_fields
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -109,9 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start both encoders from pretrained weights (library caches)",
     )
+    g.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="BatchNorm statistics over all ranks (torch's SyncBatchNorm; CUDA only)",
+    )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--opt", default="adamW", choices=["adamW", "adamw"], help="optimiser")
+    g.add_argument("--opt", default="adamw", type=str.lower, choices=["adamw"], help="optimiser (AdamW)")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
     g.add_argument(
@@ -135,34 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size_test", type=int, default=256, help="per-rank evaluation batch")
     g.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
 
-    g = p.add_argument_group("loss")
+    g = p.add_argument_group("loss", "each loss's hyperparameters, declared once beside it (models/losses.py)")
     names = sorted([*LOSSES, *LOSS_ALIASES])
     g.add_argument("--ita_type", default="isogclr", help=f"loss: one of {', '.join(names)}")
-    g.add_argument("--temp", type=float, default=0.01, help="temperature of clip and sogclr")
-    g.add_argument("--learnable_temp", action="store_true", help="clip: learn one global temperature")
-    g.add_argument(
-        "--sogclr_gamma",
-        type=float,
-        default=0.8,
-        help="moving-average weight gamma (minimum under a schedule)",
-    )
-    g.add_argument("--gamma_schedule", default="constant", choices=["constant", "cosine"])
-    g.add_argument(
-        "--gamma_decay_epochs", type=int, default=1, help="epochs over which the cosine gamma schedule decays"
-    )
-    g.add_argument("--tau_init", type=float, default=0.01, help="isogclr: initial per-sample temperature")
-    g.add_argument("--tau_min", type=float, default=0.005)
-    g.add_argument("--tau_max", type=float, default=1.0)
-    g.add_argument("--rho_init", type=float, default=6.0, help="isogclr: KL-DRO radius of both modalities")
-    g.add_argument("--rho_I", type=float, help="image-side rho (default: --rho_init)")
-    g.add_argument("--rho_T", type=float, help="text-side rho (default: --rho_init)")
-    g.add_argument("--eta_init", type=float, default=0.03, help="isogclr: temperature learning rate")
-    g.add_argument("--eta_sched", default="const", choices=["const", "cosine", "exp"])
-    g.add_argument("--eta_min", type=float, default=1e-4)
-    g.add_argument("--eta_exp_base", type=float, default=0.8, help="lambda of the 'exp' eta schedule")
-    g.add_argument("--beta_u", type=float, default=0.9, help="isogclr: momentum of the temperature gradient")
-    g.add_argument("--lr_tau", type=float, default=2e-4, help="fastclip_v3: learning rate of the global temperature")
-    g.add_argument("--rho", type=float, default=6.5, help="fastclip_v3: rho")
+    for field in loss_hparam_fields().values():
+        _add_hparam_flag(g, field)
 
     g = p.add_argument_group("run")
     g.add_argument(
@@ -172,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="evaluate only (with --checkpoint, or the initial model)")
     g.add_argument("--checkpoint", help="checkpoint to evaluate (or to initialise training from, weights only)")
     g.add_argument("--resume", help="checkpoint to resume training from, or 'auto' (latest in --output_dir)")
-    g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16 with a grad scaler on CUDA")
+    g.add_argument("--use_amp", action="store_true", help="mixed precision: --precision fp16")
     g.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="fp32, fp16 (CUDA) or bf16 (default: fp16 with --use_amp, else fp32)",
+        help="fp32; fp16 (autocast with a grad scaler); bf16 (autocast). Default: fp16 with --use_amp, else fp32",
     )
     g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     g.add_argument("--seed", type=int, default=42)
@@ -210,6 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_test_every_epoch", action="store_true", help="also evaluate the test split after every epoch"
     )
     return p
+
+
+def _add_hparam_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) -> None:
+    """One command-line flag from a loss hyperparameter's declaration (type, default, help, choices)."""
+    kind = typing.get_type_hints(_owner(field))[field.name]
+    kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
+    if kind is bool:
+        group.add_argument(f"--{field.name}", action="store_true", help=field.metadata["help"])
+        return
+    group.add_argument(
+        f"--{field.name}",
+        type=kind,
+        default=field.default,
+        choices=field.metadata["choices"],
+        help=field.metadata["help"],
+    )
+
+
+def _owner(field: dataclasses.Field) -> type:
+    """The hyperparameter class that declares ``field`` (for its resolved type annotations)."""
+    return next(
+        cls
+        for loss in LOSSES.values()
+        for cls in loss.HParams.__mro__
+        if field.name in getattr(cls, "__annotations__", {})
+    )
 
 
 def _cuda_available() -> bool:
@@ -253,8 +263,6 @@ def resolve(cfg: argparse.Namespace) -> None:
     cfg.ita_type = LOSS_ALIASES.get(cfg.ita_type, cfg.ita_type)
     if cfg.output_dir is None:
         cfg.output_dir = os.path.dirname(cfg.checkpoint) if cfg.evaluate and cfg.checkpoint else "output/run"
-    cfg.rho_I = cfg.rho_init if cfg.rho_I is None else cfg.rho_I
-    cfg.rho_T = cfg.rho_init if cfg.rho_T is None else cfg.rho_T
     cfg.ann_path = _resolve(cfg.data_path, cfg.ann_path)
     for name in ("train_image_root", "coco_image_root", "flickr_image_root", "zs_datafolder"):
         setattr(cfg, name, _resolve(cfg.data_path, getattr(cfg, name)))
@@ -264,8 +272,6 @@ def resolve(cfg: argparse.Namespace) -> None:
         setattr(cfg, name, _resolve(cfg.ann_path, getattr(cfg, name)))
     if cfg.precision is None:
         cfg.precision = "fp16" if cfg.use_amp else "fp32"
-    if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
-        cfg.precision = "bf16"  # fp16 autocast needs a grad scaler and CUDA; bf16 is the CPU's half type
     cfg.crop_scale = tuple(cfg.crop_scale)
 
 
@@ -300,8 +306,11 @@ def validate(cfg: argparse.Namespace) -> None:
         _require_file(cfg.resume, "--resume")
     if cfg.checkpoint:
         _require_file(cfg.checkpoint, "--checkpoint")
-    if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
-        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if cfg.sync_bn and not cfg.device.startswith("cuda"):
+        raise ConfigError(
+            f"--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only), but --device is "
+            f"{cfg.device}; leave out --sync_bn"
+        )
 
 
 def _require_file(path: str | None, flag: str) -> None:
@@ -315,28 +324,8 @@ def _require_dir(path: str | None, flag: str) -> None:
 
 
 def loss_hparams(cfg: argparse.Namespace) -> dict:
-    """Every loss flag; ``build_loss`` hands each loss the ones it takes."""
-    keys = (
-        "temp",
-        "learnable_temp",
-        "sogclr_gamma",
-        "gamma_schedule",
-        "gamma_decay_epochs",
-        "tau_init",
-        "tau_min",
-        "tau_max",
-        "rho_I",
-        "rho_T",
-        "eta_init",
-        "eta_sched",
-        "eta_min",
-        "eta_exp_base",
-        "beta_u",
-        "lr_tau",
-        "rho",
-        "epochs",
-    )
-    return {k: getattr(cfg, k) for k in keys}
+    """The hyperparameters of the chosen loss (its ``HParams`` fields), from the flags."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LOSSES[cfg.ita_type].HParams)}
 
 
 def save_config(cfg: argparse.Namespace, path: str | Path) -> None:

@@ -30,6 +30,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def describe() -> str:
+    """The process group in words, for the log: "1 process" or "4 ranks (nccl)"."""
+    return f"{world_size()} ranks ({dist.get_backend()})" if is_distributed() else "1 process"
+
+
 def progress_bar(iterable=None, **kwargs) -> tqdm:
     """tqdm on rank 0 only; redrawn once a minute when the output is a file (a Slurm log)."""
     return tqdm(
@@ -73,6 +78,19 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_gather_equal(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on every rank (the same ``b``) -> [W*b, ...] in rank order, no gradient.
+
+    One fixed-size collective: no size negotiation, nothing read on the host.
+    """
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """[b_r, ...] on rank r -> [sum_r b_r, ...] in rank order, no gradient.
 
@@ -91,13 +109,33 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
 
 
-def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
-    """Mean of a Python float over ranks (identity in a single process)."""
+def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Means over ranks of scalars (floats or 0-dim tensors): one all-reduce, one device sync."""
+    if not values:
+        return {}
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()])
+    if world_size() > 1:
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= world_size()
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def gather_objects(obj: object) -> list:
+    """``obj`` of every rank, in rank order (a collective call; picklable objects)."""
     if world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world_size()
+        return [obj]
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (a collective call)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def any_rank(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ...]:

@@ -142,29 +142,66 @@ def test_one_epoch_reads_every_sample_once(dataset, tokenizer, workers):
     assert sorted(indices(batches)) == sorted(written)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_batches_are_full_and_only_the_remainder_is_dropped(dataset, tokenizer, workers):
+def assert_repeats_only_after_a_whole_pass(batches: list[dict], shard_samples: dict[int, set[int]]) -> None:
+    """Within each worker stream, no sample repeats before the stream has used every sample of
+    its shards once (``shard_samples``: the samples of every shard, by the stream that reads it)."""
+    for worker, samples in shard_samples.items():
+        seen = indices([b for b in batches if b["worker"] == worker])
+        first_repeat = next((k for k, i in enumerate(seen) if i in seen[:k]), len(seen))
+        if first_repeat < len(seen):
+            assert set(seen[:first_repeat]) == samples, f"stream {worker} repeats before a whole pass"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_every_rank_makes_exactly_its_steps(dataset, tokenizer, workers, world_size):
+    """Epochs have the length they claim: every rank yields steps_per_epoch full batches, with
+    unequal shards and however the shards fall to ranks and workers; a stream that runs short
+    reads its shards again, one that has more stops at its share."""
     root, written = dataset
     batch_size = 8
-    batches = epoch_batches(build(root, tokenizer, workers=workers, batch_size=batch_size))
-    for b in batches:
-        check_batch(b, tokenizer, batch_size)
-    seen = indices(batches)
-    assert len(seen) == len(set(seen)) and set(seen) <= set(written)
-    assert len(written) - len(seen) < batch_size * max(workers, 1)
+    for rank in range(world_size):
+        data = build(root, tokenizer, workers=workers, batch_size=batch_size, rank=rank, world_size=world_size)
+        assert data.steps_per_epoch == len(written) // (batch_size * world_size)
+        for epoch in range(2):
+            batches = epoch_batches(data, epoch)
+            assert len(batches) == data.steps_per_epoch
+            for b in batches:
+                check_batch(b, tokenizer, batch_size)
+            assert set(indices(batches)) <= set(written)
+            assert_repeats_only_after_a_whole_pass(batches, stream_samples(data, written, workers))
+            assert [b["worker_done"] for b in batches].count(True) == sum(q > 0 for q in data.stream.quotas())
+
+
+def test_worker_shares_follow_the_shard_sizes():
+    from data.shards import apportion
+
+    assert apportion(10, [3, 1, 1]) == [6, 2, 2]
+    assert apportion(7, [1, 1, 1]) == [3, 2, 2]  # ties: the lower index first
+    assert apportion(5, [0, 4, 1]) == [0, 4, 1]
+    assert apportion(3, [0, 0]) == [2, 1]  # no sizes known: equal shares
+    assert sum(apportion(1000, [17, 3, 12, 5, 9])) == 1000
+
+
+def stream_samples(data, written: dict[int, str], workers: int) -> dict[int, set[int]]:
+    """The samples of the shards that each worker stream of ``data`` reads in its current epoch."""
+    return {
+        w: {i for shard in data.stream.worker_shards(w) for i in written if i // ROWS == int(Path(shard).stem)}
+        for w in range(max(workers, 1))
+    }
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_read_disjoint_whole_shards_that_cover_the_data(dataset, tokenizer, world_size):
+def test_ranks_read_disjoint_whole_shards(dataset, tokenizer, world_size):
     root, written = dataset
     shard_of = {i: i // ROWS for i in written}
-    per_rank = []
+    shards_per_rank = []
     for rank in range(world_size):
         data = build(root, tokenizer, rank=rank, world_size=world_size, workers=0)
-        per_rank.append(indices(epoch_batches(data, epoch=1)))
-    union = [i for seen in per_rank for i in seen]
-    assert sorted(union) == sorted(written)
-    shards_per_rank = [{shard_of[i] for i in seen} for seen in per_rank]
+        batches = epoch_batches(data, epoch=1)
+        assert len(batches) == data.steps_per_epoch
+        assert_repeats_only_after_a_whole_pass(batches, stream_samples(data, written, 0))
+        shards_per_rank.append({shard_of[i] for i in indices(batches)})
     assert sum(len(s) for s in shards_per_rank) == NUM_SHARDS  # every shard goes to one rank
     assert all(len(s) == NUM_SHARDS // world_size for s in shards_per_rank)
 
@@ -281,23 +318,25 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, caplog):
     good, bad_shards = write_damaged_data(root)
     expected = Counter(bad_image=2, missing_image=1, missing_caption=1, empty_caption=1, bad_caption=1, huge_image=1)
     for epoch in range(2):
-        data = build(root, tokenizer, train_data=str(root), shuffle_buffer=1, data_size=1000)
+        # the epoch as long as the good samples: one pass, every good sample once
+        data = build(root, tokenizer, train_data=str(root), shuffle_buffer=1, data_size=1000, train_num_samples=16)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="data.shards"):
             batches = epoch_batches(data, epoch)
         for b in batches:
             check_batch(b, tokenizer, 1)
         assert sorted(indices(batches)) == sorted(good)
-        # Every bad sample and shard reaches a batch, with the shard it came from.
-        reported = sum((Counter(b["skipped"]) for b in batches), Counter())
-        assert reported == expected + Counter(bad_shard=2)
-        shards = sum((Counter(b["skipped_shards"]) for b in batches), Counter())
-        assert shards == Counter({str(root / "00000.tar"): expected.total(), **dict.fromkeys(bad_shards, 1)})
+        # Every bad sample and shard read reaches a batch, with the shard it came from. The
+        # epoch ends with its last good sample: a bad shard read last may not be reached.
         messages = [r.getMessage() for r in caplog.records if r.name == "data.shards"]
-        for path in bad_shards:
-            assert sum(path in m for m in messages) == 1
+        read = [p for p in bad_shards if sum(p in m for m in messages) == 1]
+        assert set(bad_shards) - set(read) <= {data.stream.worker_shards(0)[-1]}
+        reported = sum((Counter(b["skipped"]) for b in batches), Counter())
+        assert reported == expected + Counter(bad_shard=len(read))
+        shards = sum((Counter(b["skipped_shards"]) for b in batches), Counter())
+        assert shards == Counter({str(root / "00000.tar"): expected.total(), **dict.fromkeys(read, 1)})
         (summary,) = [m for m in messages if "skipped bad samples" in m]
-        assert f"{dict(sorted((expected + Counter(bad_shard=2)).items()))}" in summary
+        assert f"{dict(sorted((expected + Counter(bad_shard=len(read))).items()))}" in summary
 
 
 def test_malformed_stats_file_is_named(tmp_path):

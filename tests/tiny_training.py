@@ -8,8 +8,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from engine.checkpoint import CheckpointDir
-from engine.preemption import StopRequest
 from engine.run_log import RunLog
+from engine.stop import StopRequest
 from engine.trainer import Trainer
 from models.model_clip import CLIPModel
 
@@ -59,10 +59,11 @@ def global_batches() -> list[dict]:
 
 
 class ListData:
-    """The training loop's data interface over a fixed list of batches."""
+    """The training loop's data interface over a fixed list of batches (one epoch)."""
 
     def __init__(self, batches: list[dict]) -> None:
         self.loader = batches
+        self.steps_per_epoch = len(batches)
 
     def set_epoch(self, epoch: int, position: dict | None = None) -> None:
         pass

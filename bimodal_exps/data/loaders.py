@@ -7,19 +7,19 @@ from dataclasses import dataclass
 from itertools import islice
 
 import torch
-from torch.utils.data import DataLoader
 
 from data.batching import BadSampleError, Skips, TokenizingCollator
 from data.caption_json import CaptionJsonDataset, ResumableSampler
 from data.shards import (
     ShardStream,
     check_keys_from_metadata,
-    count_samples,
     decode_sample,
     expand_shards,
     read_shard,
+    shard_sizes,
 )
 from data.transforms import train_transform
+from data.workers import DataLoader
 
 # Raw samples read before giving up on finding one usable sample at start-up.
 PROBE_SAMPLES = 1000
@@ -34,16 +34,19 @@ POSITION_SETTINGS = {
     "shards": "the number of --train_data shards",
     "shuffle_buffer": "--shuffle_buffer",
     "rows": "the number of --train_file rows",
+    "num_samples": "the epoch length (--train_num_samples or the stats files)",
 }
 
 
 @dataclass
 class TrainData:
-    """The training data of one rank: ``loader`` yields batches of exactly ``batch_size`` pairs.
+    """The training data of one rank: ``loader`` yields exactly ``steps_per_epoch`` batches of
+    exactly ``batch_size`` pairs per epoch, on every rank.
 
     ``num_samples``: samples in one epoch over all ranks; ``steps_per_epoch``:
-    ``num_samples // (batch_size * world_size)``. Ranks may run dry at different steps;
-    the training loop stops every rank at the first one that does.
+    ``num_samples // (batch_size * world_size)``. With shards, a worker stream whose shards
+    hold fewer samples than its share of the epoch reads them again (see
+    :class:`~data.shards.ShardStream`).
 
     Batch keys: ``image`` float32 [b, 3, image_res, image_res]; ``input_ids``,
     ``attention_mask`` long [b, L]; ``image_idx``, ``text_idx`` long [b] in
@@ -52,15 +55,14 @@ class TrainData:
     bad_image, missing_image, missing_caption, empty_caption, bad_caption, huge_image,
     bad_shard; a source is a shard path, or for caption JSON an image folder or the
     annotation file). With shards also ``worker`` int, ``consumed`` int and ``worker_done``
-    bool (see :class:`~data.shards.ShardStream`): a worker's last batch of the epoch also
-    counts the bad samples after it.
+    bool (see :class:`~data.shards.ShardStream`).
 
     Position within an epoch (:meth:`advance`), a JSON-serialisable dict: ``settings`` (what
     the batch sequence depends on: ``source`` "shards" or "caption_json", ``seed``,
     ``world_size``, ``rank``, ``workers``, ``batch_size``, and ``shards`` and
     ``shuffle_buffer`` or ``rows``), ``epoch``, ``batches`` consumed, and with shards
-    ``consumed`` [int per worker stream], ``finished`` [bool per worker stream] and
-    ``last_worker`` (-1 before the first batch).
+    ``consumed`` [int per worker stream], ``made`` [batches per worker stream], ``finished``
+    [bool per worker stream] and ``last_worker`` (-1 before the first batch).
     """
 
     loader: DataLoader
@@ -174,14 +176,20 @@ def build_train_data(
     loop_settings = dict(seed=seed, world_size=world_size, rank=rank, workers=workers, batch_size=batch_size)
     if train_data is not None:
         shards = expand_shards(train_data)
-        num_samples = train_num_samples if train_num_samples is not None else count_samples(shards)
+        sizes = shard_sizes(shards)
+        num_samples = train_num_samples
+        if num_samples is None and sizes is not None:
+            num_samples = sum(sizes)
         if num_samples is None:
             raise ValueError(
                 f"{train_data}: some shards have no _stats.json beside them, so the epoch length is "
                 "unknown; pass --train_num_samples (the number of samples in the shards)"
             )
+        steps_per_epoch = num_samples // (batch_size * world_size)
         stream = ShardStream(
             shards,
+            shard_sizes=sizes,
+            steps_per_epoch=steps_per_epoch,
             data_size=data_size,
             transform=transform,
             collate=collate,
@@ -197,7 +205,9 @@ def build_train_data(
         _probe_shards(shards, data_size, transform, max_words)
         # batch_size=None: the stream yields whole batches, each from a single worker.
         loader = DataLoader(stream, batch_size=None, **loader_options)
-        settings = dict(source="shards", shards=len(shards), shuffle_buffer=shuffle_buffer, **loop_settings)
+        settings = dict(
+            source="shards", shards=len(shards), shuffle_buffer=shuffle_buffer, num_samples=num_samples, **loop_settings
+        )
         parts = dict(stream=stream)
     else:
         if train_num_samples is not None:
@@ -214,12 +224,12 @@ def build_train_data(
         )
         dataset[0]  # raises, naming the image root, when no image near the start can be read
         num_samples = len(dataset)
+        steps_per_epoch = num_samples // (batch_size * world_size)
         sampler = ResumableSampler(dataset, batch_size=batch_size, num_replicas=world_size, rank=rank, seed=seed)
         loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=True, **loader_options)
         settings = dict(source="caption_json", rows=num_samples, **loop_settings)
         parts = dict(sampler=sampler, dataset=dataset)
 
-    steps_per_epoch = num_samples // (batch_size * world_size)  # may be 0: the caller decides
     return TrainData(loader, num_samples, steps_per_epoch, settings, **parts)
 
 

@@ -15,13 +15,14 @@ shard; they never stop the run.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -47,6 +48,7 @@ logger = logging.getLogger("data.shards")
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 _KEY = re.compile(r"[0-9]+")
+_SHUFFLE, _AUGMENT = 0, 1  # the two uses of a worker stream's seed
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -79,22 +81,28 @@ def stats_path(shard: str) -> str:
     return os.path.splitext(shard)[0] + "_stats.json"
 
 
-def count_samples(shards: list[str]) -> int | None:
-    """Sum of ``successes`` in the ``_stats.json`` files beside the shards; None if any is missing."""
-    total = 0
+def shard_sizes(shards: list[str]) -> list[int] | None:
+    """``successes`` of the ``_stats.json`` file beside each shard; None if any is missing."""
+    sizes = []
     for shard in shards:
         path = stats_path(shard)
         if not os.path.isfile(path):
             return None
         with open(path) as f:
             try:
-                total += int(json.load(f)["successes"])
+                sizes.append(int(json.load(f)["successes"]))
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(
                     f"{path} has no integer 'successes' field ({error}); "
                     "pass --train_num_samples to skip the stats files"
                 ) from error
-    return total
+    return sizes
+
+
+def count_samples(shards: list[str]) -> int | None:
+    """Sum of ``successes`` in the ``_stats.json`` files beside the shards; None if any is missing."""
+    sizes = shard_sizes(shards)
+    return None if sizes is None else sum(sizes)
 
 
 def check_keys_from_metadata(shards: list[str], data_size: int) -> int | None:
@@ -208,30 +216,50 @@ def decode_sample(raw: RawSample, transform: Callable[[Image.Image], torch.Tenso
     return Pair(image, caption, raw.index, raw.index)
 
 
-class ShardStream(IterableDataset):
-    """One rank's share of the shards as a stream of whole batches, for a DataLoader with
-    ``batch_size=None``, ``num_workers=workers`` and the default in-order delivery.
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """``total`` split into integers proportional to ``weights`` (largest remainders, ties to
+    the lower index); the parts sum to ``total``."""
+    weight_sum = sum(weights)
+    if weight_sum <= 0:
+        weights, weight_sum = [1.0] * len(weights), float(len(weights))
+    exact = [total * w / weight_sum for w in weights]
+    parts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda k: (parts[k] - exact[k], k))
+    for k in by_remainder[: total - sum(parts)]:
+        parts[k] += 1
+    return parts
 
-    Each worker stream reads its own shards, batches only its own samples and drops its
-    incomplete last batch. Call :meth:`set_epoch` before creating each epoch's iterator.
-    Besides the :class:`~data.batching.TokenizingCollator` keys, a batch carries ``worker``
-    (the stream that made it), ``consumed`` (samples of that stream's shuffled sequence used
-    up to and including this batch) and ``worker_done`` (True on the stream's last batch of
-    the epoch, whose ``skipped`` counts also hold the bad samples after it; each batch is
-    therefore held back until the next one is full or the stream ends).
+
+class ShardStream(IterableDataset):
+    """One rank's share of the shards as a stream of exactly ``steps_per_epoch`` whole batches
+    per epoch, for a DataLoader with ``batch_size=None``, ``num_workers=workers`` and the
+    default in-order delivery.
+
+    The epoch's batches are dealt to the worker streams in proportion to the samples their
+    shards hold (``shard_sizes``, from the stats files; one per shard when unknown). Each worker
+    stream reads its own shards, batches only its own samples and stops after its share; a
+    stream that runs out first starts its shards over (a new shuffle, new augmentations), so
+    every rank makes the same number of steps, known before the epoch starts. Call
+    :meth:`set_epoch` before creating each epoch's iterator. Besides the
+    :class:`~data.batching.TokenizingCollator` keys, a batch carries ``worker`` (the stream that
+    made it), ``consumed`` (samples of that stream's shuffled sequence used up to and
+    including this batch) and ``worker_done`` (True on the stream's last batch of the epoch).
 
     Resuming: the DataLoader takes batches from its workers in turn (0, 1, ..., 0, 1, ...),
     passing over workers whose stream has ended, so the epoch's batch sequence is fixed by
-    the streams alone. A position within it is how far each stream has been consumed, which
-    streams have finished, and which stream made the last batch. Given one, loader worker
-    ``i`` plays stream ``(i + last + 1) % workers``, so that the stream whose turn comes next
-    starts, and each stream skips its consumed samples without decoding them.
+    the streams alone. A position within it is how far each stream has been consumed, how many
+    batches each has made, which streams have finished, and which stream made the last batch.
+    Given one, loader worker ``i`` plays stream ``(i + last + 1) % workers``, so that the stream
+    whose turn comes next starts, and each stream skips its consumed samples without decoding
+    them.
     """
 
     def __init__(
         self,
         shards: list[str],
         *,
+        shard_sizes: list[int] | None,
+        steps_per_epoch: int,
         data_size: int,
         transform: Callable[[Image.Image], torch.Tensor],
         collate: Callable[[list[Pair]], dict],
@@ -249,6 +277,8 @@ class ShardStream(IterableDataset):
                 "use at least as many shards as ranks (each rank reads whole shards)"
             )
         self.shards = list(shards)
+        self.shard_sizes = list(shard_sizes) if shard_sizes is not None else [1] * len(shards)
+        self.steps_per_epoch = steps_per_epoch
         self.data_size = data_size
         self.transform = transform
         self.collate = collate
@@ -268,41 +298,56 @@ class ShardStream(IterableDataset):
         if position is None:
             position = self.start_position()
         n = self.num_streams
-        consumed, finished, last = position["consumed"], position["finished"], position["last_worker"]
+        consumed, made = position.get("consumed"), position.get("made")
+        finished, last = position.get("finished"), position.get("last_worker")
         if not (
-            isinstance(consumed, list)
-            and isinstance(finished, list)
-            and len(consumed) == len(finished) == n
-            and all(isinstance(c, int) and c >= 0 for c in consumed)
+            all(isinstance(x, list) and len(x) == n for x in (consumed, made, finished))
+            and all(isinstance(c, int) and c >= 0 for c in [*consumed, *made])
             and all(isinstance(f, bool) for f in finished)
             and isinstance(last, int)
             and -1 <= last < n
         ):
             raise ValueError(
-                f"malformed shard stream position (consumed {consumed!r}, finished {finished!r}, "
+                f"malformed shard stream position (consumed {consumed!r}, made {made!r}, finished {finished!r}, "
                 f"last_worker {last!r}) for {n} worker stream(s); resume from an unmodified checkpoint"
             )
         self.first_stream = (last + 1) % n
-        self.consumed, self.finished = list(consumed), list(finished)
+        self.consumed, self.made, self.finished = list(consumed), list(made), list(finished)
+        for worker, (done, share) in enumerate(zip(made, self.quotas(), strict=True)):
+            if done > share:
+                raise ValueError(
+                    f"the saved data position has {done} batches of worker stream {worker} made, but its share of "
+                    f"epoch {epoch} is {share}; resume with the same --train_data and settings"
+                )
 
     def start_position(self) -> dict:
         """The stream part of a position before the first batch of an epoch."""
         n = self.num_streams
-        return {"consumed": [0] * n, "finished": [False] * n, "last_worker": -1}
+        return {"consumed": [0] * n, "made": [0] * n, "finished": [False] * n, "last_worker": -1}
 
     def advance(self, position: Mapping, batch: Mapping) -> dict:
         """``position`` (holding the keys of :meth:`start_position`) moved past ``batch``."""
         worker = int(batch["worker"])
-        consumed, finished = list(position["consumed"]), list(position["finished"])
+        consumed, made, finished = list(position["consumed"]), list(position["made"]), list(position["finished"])
         consumed[worker] = int(batch["consumed"])
+        made[worker] += 1
         finished[worker] = bool(batch["worker_done"])
-        return {**position, "consumed": consumed, "finished": finished, "last_worker": worker}
+        return {**position, "consumed": consumed, "made": made, "finished": finished, "last_worker": worker}
+
+    def _worker_shard_ids(self, worker: int) -> list[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        return [int(k) for k in order[self.rank :: self.world_size][worker :: self.num_streams]]
 
     def worker_shards(self, worker: int) -> list[str]:
         """The shards this rank's stream ``worker`` reads in the current epoch."""
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        mine = [self.shards[k] for k in order[self.rank :: self.world_size]]
-        return mine[worker :: self.num_streams]
+        return [self.shards[k] for k in self._worker_shard_ids(worker)]
+
+    def quotas(self) -> list[int]:
+        """Batches each worker stream makes in the current epoch; they sum to ``steps_per_epoch``."""
+        weights = [sum(self.shard_sizes[k] for k in self._worker_shard_ids(w)) for w in range(self.num_streams)]
+        if sum(weights) == 0:  # stats files that count no successes: deal by shard count
+            weights = [len(self._worker_shard_ids(w)) for w in range(self.num_streams)]
+        return apportion(self.steps_per_epoch, weights)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -315,44 +360,65 @@ class ShardStream(IterableDataset):
         worker = (loader_worker + self.first_stream) % num_workers
         if self.finished[worker]:
             return iter(())
-        return self.batches(worker, start=self.consumed[worker])
+        return self.batches(worker, start=self.consumed[worker], made=self.made[worker])
 
-    def batches(self, worker: int, start: int = 0) -> Iterator[dict]:
+    def _passes(self, worker: int, skipped: Skips) -> Iterator[tuple[int, RawSample]]:
+        """(pass, raw sample) over the worker's shards, read over and over, each pass shuffled anew."""
+        shards = self.worker_shards(worker)
+        for n_pass in itertools.count():
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, _SHUFFLE, n_pass))
+            raw = (sample for shard in shards for sample in read_shard(shard, self.data_size, skipped))
+            empty = True
+            for sample in shuffle_buffered(raw, self.shuffle_buffer, rng):
+                empty = False
+                yield n_pass, sample
+            if empty:
+                raise ValueError(
+                    f"rank {self.rank} worker stream {worker}: its shards hold no sample in epoch {self.epoch} "
+                    f"({', '.join(shards) or 'no shards'}); check --train_data"
+                )
+
+    def batches(self, worker: int, start: int = 0, made: int = 0) -> Iterator[dict]:
         """The batches of stream ``worker`` in the current epoch, deterministically, after the
-        first ``start`` samples of its shuffled sequence."""
-        stream_seed = (self.seed, self.epoch, self.rank, worker)
+        first ``start`` samples of its shuffled sequence and its first ``made`` batches."""
+        quota = self.quotas()[worker]
+        if made >= quota:
+            return
         skipped = Skips()  # bad samples since the last good one
-        raw = (sample for shard in self.worker_shards(worker) for sample in read_shard(shard, self.data_size, skipped))
-        shuffled = shuffle_buffered(raw, self.shuffle_buffer, random.Random(derive_seed(*stream_seed)))
+        samples = self._passes(worker, skipped)
         # The augmentation seed depends only on the offset in the shuffled sequence, so a
         # resume skips consumed samples without decoding them.
-        if sum(1 for _ in islice(shuffled, start)) < start:
-            raise ValueError(
-                f"the saved data position has {start} samples of worker stream {worker} consumed in epoch "
-                f"{self.epoch}, but its shards hold fewer; resume with the same --train_data and settings"
-            )
+        for _ in islice(samples, start):
+            pass
         skipped.take()  # shard faults met while skipping were reported with the consumed batches
         pairs: list[Pair] = []
         total = Skips()
-        held: dict | None = None  # the last full batch, yielded once the next is full or the stream ends
-        for offset, sample in enumerate(shuffled, start):
+        current_pass, whole_pass, good_in_pass = None, start == 0, 0
+        for offset, (n_pass, sample) in enumerate(samples, start):
+            if n_pass != current_pass:
+                if current_pass is not None and whole_pass and not good_in_pass:
+                    raise ValueError(
+                        f"rank {self.rank} worker stream {worker}: no usable sample in a whole pass over its "
+                        f"shards ({', '.join(self.worker_shards(worker))}; skipped: {dict(skipped.kinds)}); "
+                        "check --train_data"
+                    )
+                whole_pass = whole_pass or current_pass is not None
+                current_pass, good_in_pass = n_pass, 0
+            seed = derive_seed(self.seed, self.epoch, self.rank, worker, _AUGMENT, offset)
             try:
-                pair = decode_sample(sample, self.transform, self.max_words, derive_seed(*stream_seed, offset))
+                pair = decode_sample(sample, self.transform, self.max_words, seed)
             except BadSampleError as bad:
                 skipped.add(bad.kind, sample.shard)
                 continue
+            good_in_pass += 1
             pairs.append(replace(pair, skipped=skipped.take()))
             total.update(pairs[-1].skipped)
             if len(pairs) == self.batch_size:
-                if held is not None:
-                    yield held
-                held = {**self.collate(pairs), "worker": worker, "consumed": offset + 1, "worker_done": False}
+                made += 1
+                yield {**self.collate(pairs), "worker": worker, "consumed": offset + 1, "worker_done": made == quota}
                 pairs = []
-        # Bad samples after the last full batch, including those before the dropped pairs.
-        after_last = skipped.take()
-        total.update(after_last)
-        for pair in pairs:
-            after_last.update(pair.skipped)
+                if made == quota:
+                    break
         if total:
             logger.warning(
                 "rank %d worker stream %d skipped bad samples in epoch %d: %s",
@@ -361,8 +427,3 @@ class ShardStream(IterableDataset):
                 self.epoch,
                 dict(sorted(total.kinds.items())),
             )
-        if held is not None:
-            held["skipped"] = dict(Counter(held["skipped"]) + after_last.kinds)
-            held["skipped_shards"] = dict(Counter(held["skipped_shards"]) + after_last.sources)
-            held["worker_done"] = True
-            yield held

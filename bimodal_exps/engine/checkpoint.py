@@ -66,8 +66,15 @@ class CheckpointDir:
         self.keep = keep_step_checkpoints
 
     def latest(self) -> Path | None:
+        """The newest checkpoint: the epoch or step file ``checkpoint_latest.pth`` links to (the
+        link itself where the file system made a copy), None when there is none."""
         path = self.dir / LATEST
-        return path if path.is_file() else None
+        if not path.is_file():
+            return None
+        for candidate in sorted(self.dir.glob("checkpoint_*.pth")):
+            if candidate.name not in (LATEST, BEST) and candidate.samefile(path):
+                return candidate
+        return path
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of a process killed while writing: never complete, never needed."""

@@ -31,8 +31,14 @@ def param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float)
     ]
 
 
-def build_optimizer(model: nn.Module, loss_fn: nn.Module | None, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, loss_fn, weight_decay), lr=lr)
+def build_optimizer(
+    opt: str, model: nn.Module, loss_fn: nn.Module | None, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """``--opt adamw``: AdamW, fused (one kernel for all parameters, on CPU and CUDA), which also
+    lets the trainer skip a step on the device (``found_inf``) without a host sync."""
+    if opt != "adamw":
+        raise ValueError(f"unknown --opt {opt!r}; use adamw")
+    return torch.optim.AdamW(param_groups(model, loss_fn, weight_decay), lr=lr, fused=True)
 
 
 def _lr_factor(step: int, warmup: int, total: int, min_ratio: float, cosine: bool) -> float:

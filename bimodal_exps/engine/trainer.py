@@ -1,10 +1,17 @@
-"""The training loop and everything a run's exact continuation depends on.
+"""The training step, the epoch loop, and everything a run's exact continuation depends on.
 
-``Trainer`` owns the model, loss, optimiser, LR schedule and grad scaler, the progress
-counters, the data position within the epoch and the random states, and turns all of them
-into one checkpoint (``state_dict``) and back. Between steps it handles what must not lose a
-researcher's work: a stop signal (checkpoint, then stop), a non-finite loss or gradient (skip
-the step; stop after too many in a row) and bad input samples (counted; stop when too many).
+``Trainer`` owns the model and loss (one module under DDP, see ``engine.step``), the
+optimiser, LR schedule and grad scaler, the progress counters, the data position within the
+epoch and the random states, and turns all of them into one checkpoint (``state_dict``) and
+back. Between steps it handles what must not lose a researcher's work: a stop signal
+(checkpoint, then stop), a non-finite loss or gradient or an fp16 overflow (skip the step,
+leaving parameters, optimiser and loss state as they were; stop after too many non-finite
+steps in a row) and bad input samples (counted; stop when too many).
+
+Host-device synchronisation: a step that does not log reads nothing from the device. The
+skip decision stays on the device (the fused optimiser skips its update, the loss state is
+committed under the same flag); counters are read at log steps and checkpoints. With several
+ranks a stop request is shared every ``STOP_POLL_STEPS`` steps.
 """
 
 from __future__ import annotations
@@ -18,17 +25,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import parallel
 from engine.checkpoint import CheckpointDir
-from engine.preemption import StopRequest
 from engine.run_log import RunLog
+from engine.step import ContrastiveStep, broadcast_buffers, wrap_for_training
+from engine.stop import StopRequest
+from models.losses import ContrastiveLoss, LossOutput
 
 log = logging.getLogger("clip")
+
+STOP_POLL_STEPS = 10  # steps between the all-reduces that share a stop request among ranks
+BATCH_TENSORS = ("image", "input_ids", "attention_mask", "image_idx", "text_idx")
 
 
 class TrainingError(RuntimeError):
@@ -37,15 +47,18 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Progress:
-    """Where the run is: ``epoch`` is the epoch in progress (or next), ``epoch_step`` the steps
-    done in it, ``step`` all optimiser steps, ``samples_seen`` all samples over all ranks,
-    ``skipped_steps`` the steps skipped for a non-finite loss or gradient."""
+    """Where the run is: ``epoch`` is the 0-based epoch in progress (so, between epochs, the
+    number of epochs done), ``epoch_step`` the steps done in it, ``step`` all optimiser steps,
+    ``samples_seen`` all samples over all ranks, ``skipped_steps`` the steps skipped for a
+    non-finite loss or gradient, ``amp_skipped_steps`` those the fp16 grad scaler skipped for
+    an overflow."""
 
     epoch: int = 0
     epoch_step: int = 0
     step: int = 0
     samples_seen: int = 0
     skipped_steps: int = 0
+    amp_skipped_steps: int = 0
 
 
 class BadData:
@@ -70,12 +83,8 @@ class BadData:
 
     def totals(self) -> tuple[Counter, Counter, int]:
         """Counts over all ranks (a collective call)."""
-        if parallel.world_size() == 1:
-            return self.kinds, self.shards, self.good
-        parts = [None] * parallel.world_size()
-        dist.all_gather_object(parts, (self.kinds, self.shards, self.good))
         kinds, shards, good = Counter(), Counter(), 0
-        for k, s, g in parts:
+        for k, s, g in parallel.gather_objects((self.kinds, self.shards, self.good)):
             kinds.update(k)
             shards.update(s)
             good += g
@@ -95,6 +104,48 @@ class BadData:
         return dict(kinds)
 
 
+class _Outcomes:
+    """What the steps did, counted on the device (read at log steps and checkpoints).
+
+    ``skipped``: steps with a non-finite loss, loss state or gradient (without fp16 loss
+    scaling, a non-finite gradient); ``amp_skipped``: steps whose loss was finite but whose
+    fp16-scaled gradient overflowed; ``longest_run``: the longest run of skipped steps in a row
+    since the last read; ``loss_sum`` / ``loss_steps``: the finite losses since the last read.
+    """
+
+    def __init__(self, device: torch.device, scaled: bool) -> None:
+        self.scaled = scaled
+
+        def zero(dtype=torch.long):
+            return torch.zeros((), dtype=dtype, device=device)
+
+        self.skipped, self.amp_skipped, self.in_a_row, self.longest_run = zero(), zero(), zero(), zero()
+        self.loss_sum, self.loss_steps = zero(torch.float64), zero()
+
+    def add(self, loss: torch.Tensor, loss_ok: torch.Tensor, ok: torch.Tensor) -> None:
+        skipped = ~ok & ~loss_ok if self.scaled else ~ok
+        self.skipped += skipped
+        if self.scaled:
+            self.amp_skipped += ~ok & loss_ok
+        self.in_a_row = torch.where(skipped, self.in_a_row + 1, 0)
+        self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
+        self.loss_sum += torch.where(loss_ok, loss.double(), 0.0)
+        self.loss_steps += loss_ok
+
+    def read(self) -> dict[str, float]:
+        """The counters as numbers (one device sync); the loss sums and the run length restart."""
+        names = ("skipped", "amp_skipped", "longest_run", "loss_sum", "loss_steps")
+        values = dict(zip(names, torch.stack([getattr(self, n).double() for n in names]).tolist(), strict=True))
+        self.loss_sum.zero_()
+        self.loss_steps.zero_()
+        self.longest_run.copy_(self.in_a_row)
+        return values
+
+    def restore(self, skipped: int, amp_skipped: int) -> None:
+        self.skipped.fill_(skipped)
+        self.amp_skipped.fill_(amp_skipped)
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -110,15 +161,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _gather_objects(obj) -> list:
-    """``obj`` of every rank, in rank order (a collective call)."""
-    if parallel.world_size() == 1:
-        return [obj]
-    parts = [None] * parallel.world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
 class Trainer:
     """One run's training state and loop; every rank holds one."""
 
@@ -126,7 +168,7 @@ class Trainer:
         self,
         *,
         model: nn.Module,
-        loss_fn: nn.Module,
+        loss_fn: ContrastiveLoss,
         optimizer: torch.optim.Optimizer,
         scheduler,
         scaler: torch.amp.GradScaler,
@@ -149,14 +191,9 @@ class Trainer:
             scheduler,
             scaler,
         )
-        self.ddp_model = DistributedDataParallel(model) if parallel.world_size() > 1 else model
-        self.amp_dtype, self.device, self.run_log, self.checkpoints, self.stop = (
-            amp_dtype,
-            device,
-            run_log,
-            checkpoints,
-            stop,
-        )
+        self.step_module = ContrastiveStep(model, loss_fn, amp_dtype)
+        self.ddp = wrap_for_training(self.step_module, device)
+        self.device, self.run_log, self.checkpoints, self.stop = device, run_log, checkpoints, stop
         self.log_every, self.grad_clip, self.save_every_steps = log_every, grad_clip, save_every_steps
         self.max_nonfinite_steps = max_nonfinite_steps
         self.config = config or {}
@@ -164,16 +201,28 @@ class Trainer:
         self.best = {"r_mean": -1.0, "epoch": -1}
         self.data_position: dict | None = None
         self.bad_data = BadData(max_bad_fraction)
-        self._params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
-        self._nonfinite_in_a_row = 0
+        self.outcomes = _Outcomes(device, scaled=scaler.is_enabled())
+        self._params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.last_log: dict | None = None  # the latest log.jsonl record
 
     # ---- checkpoints -------------------------------------------------------------------
 
+    def _sync_progress(self) -> dict[str, float]:
+        """Read the device counters into ``progress`` (a device sync); returns them."""
+        counts = self.outcomes.read()
+        self.progress.skipped_steps = int(counts["skipped"])
+        self.progress.amp_skipped_steps = int(counts["amp_skipped"])
+        return counts
+
     def state_dict(self) -> dict:
-        """Everything the run depends on. A collective call: the per-rank parts (data position,
-        random states, bad-sample counts) of every rank are gathered into the one state."""
-        per_rank = _gather_objects(
+        """Everything the run depends on. A collective call: rank 0's model buffers are
+        broadcast first (so every rank goes on with the checkpoint's BatchNorm statistics), and
+        the per-rank parts (data position, random states, bad-sample counts) of every rank are
+        gathered into the one state."""
+        broadcast_buffers(self.model)
+        counts = self._sync_progress()
+        self._check_nonfinite_run(counts)
+        per_rank = parallel.gather_objects(
             {
                 "data_position": self.data_position,
                 "rng": _rng_state(self.device),
@@ -194,13 +243,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint; with another number of ranks the epoch in progress restarts."""
+        """Restore a checkpoint; with another number of ranks, or a data position this code
+        cannot continue, the epoch in progress restarts."""
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         vars(self.progress).update(state["progress"])  # in place: callers may hold self.progress
+        self.outcomes.restore(self.progress.skipped_steps, self.progress.amp_skipped_steps)
         self.best = dict(state["best"])
         if state["world_size"] == parallel.world_size():
             mine = state["per_rank"][parallel.rank()]
@@ -231,25 +282,22 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def train_epoch(self, data, steps: int) -> bool:
-        """Continue the current epoch up to ``steps`` steps (all ranks stop together when any
-        rank's data runs out). Returns False when a stop signal ended it early (after saving a
+    def train_epoch(self, data) -> bool:
+        """Continue the current epoch to its end: ``data.steps_per_epoch`` steps, the same on
+        every rank. Returns False when a stop signal ended it early (after saving a
         checkpoint), True when the epoch is complete."""
         progress = self.progress
-        self.model.train()
-        self.loss_fn.train()
+        steps = data.steps_per_epoch
+        self.step_module.train()
         self.loss_fn.set_epoch(progress.epoch)
         data.set_epoch(progress.epoch, self.data_position)
         world = parallel.world_size()
         bar = parallel.progress_bar(total=steps, initial=progress.epoch_step, desc=f"epoch {progress.epoch}")
-        window = _Window(self.device)
+        window = _Window(progress.step)
         iterator = iter(data.loader)
         try:
             while progress.epoch_step < steps:
-                wait_start = time.perf_counter()
-                batch = next(iterator, None)
-                ran_dry, stop = parallel.any_rank(batch is None, self.stop.requested, device=self.device)
-                if stop:
+                if self._stop_requested():
                     log.warning(
                         "%s: saving a checkpoint at step %d and stopping",
                         self.stop.signal_name or "a stop signal on another rank",
@@ -257,20 +305,26 @@ class Trainer:
                     )
                     self.save_step_checkpoint()
                     return False
-                if ran_dry:  # some rank's data ran out: the epoch ends for all
-                    break
+                wait_start = time.perf_counter()
+                batch = next(iterator, None)
+                if batch is None:
+                    raise TrainingError(
+                        f"rank {parallel.rank()}: the training data ended after {progress.epoch_step} of the "
+                        f"{steps} steps of epoch {progress.epoch}"
+                    )
                 window.data_wait += time.perf_counter() - wait_start
                 self.data_position = data.advance(self.data_position, batch)
                 self.bad_data.add(batch)
-                loss, stats = self._step(batch)
+                out = self._step(batch)
                 progress.step += 1
                 progress.epoch_step += 1
                 progress.samples_seen += len(batch["image_idx"]) * world
-                window.add(loss, len(batch["image_idx"]) * world)
+                window.steps += 1
+                window.samples += len(batch["image_idx"]) * world
                 bar.update(1)
                 if progress.step % self.log_every == 0 or progress.epoch_step == steps:
-                    self._log(window, stats, bar)
-                    window = _Window(self.device)
+                    self._log(window, out, bar)
+                    window = _Window(progress.step)
                 if self.save_every_steps and progress.step % self.save_every_steps == 0 and progress.epoch_step < steps:
                     self.save_step_checkpoint()
         finally:
@@ -281,86 +335,113 @@ class Trainer:
         self.data_position = None
         return True
 
-    def _step(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Forward, loss, backward, optimiser step; a non-finite gradient skips the update."""
-        to = {
-            k: batch[k].to(self.device, non_blocking=True)
-            for k in ("image", "input_ids", "attention_mask", "image_idx", "text_idx")
-        }
-        amp = self.amp_dtype is not None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            image_feat, text_feat = self.ddp_model(to["image"], to["input_ids"], to["attention_mask"])
-        # float32 inside; a non-finite feature leaves the loss state untouched
-        loss, stats = self.loss_fn(image_feat, text_feat, to["image_idx"], to["text_idx"])
-
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self._average_loss_param_grads()
-        self.scaler.unscale_(self.optimizer)
-        # DDP has averaged the gradients, so every rank sees the same norm and takes the same decision
-        norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip if self.grad_clip > 0 else math.inf)
-        if torch.isfinite(norm):
-            self.scaler.step(self.optimizer)
-            self._nonfinite_in_a_row = 0
-        else:
-            self.progress.skipped_steps += 1
-            self._nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped", self.progress.step)
-            if self._nonfinite_in_a_row > self.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (the last "
-                    f"before step {self.progress.step + 1}); lower --lr, use --grad_clip, check the data, or "
-                    "use --precision bf16/fp32 instead of fp16"
-                )
-        self.scaler.update()
-        self.scheduler.step()
-        return loss.detach(), stats
-
-    def _average_loss_param_grads(self) -> None:
-        """DDP averages the model's gradients; a loss's own parameters (a learnable
-        temperature) live outside DDP, so average theirs here the same way."""
+    def _stop_requested(self) -> bool:
+        """Whether to stop before the next step; every rank gets the same answer at the same step."""
         if parallel.world_size() == 1:
-            return
-        for p in self.loss_fn.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= parallel.world_size()
+            return self.stop.requested
+        if self.progress.step % STOP_POLL_STEPS:
+            return False
+        return parallel.any_rank(self.stop.requested, device=self.device)[0]
 
-    def _log(self, window: _Window, stats: dict, bar: tqdm) -> None:
+    def _step(self, batch: dict) -> LossOutput:
+        """Forward, loss, backward, optimiser step. A non-finite loss, loss state or gradient (or
+        an fp16 overflow) skips the update and leaves the loss state as it was; the decision
+        stays on the device."""
+        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_TENSORS}
+        out = self.ddp(**inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
+        # DDP has averaged the gradients, so every rank sees the same norm and takes the same decision
+        loss_ok = torch.isfinite(out.loss) & out.update.finite
+        ok = loss_ok & torch.isfinite(norm)
+        self._optimizer_step(ok)
+        self.scaler.update()  # lowers the fp16 scale after an overflow, which unscale_ recorded
+        self.scheduler.step()
+        out.update.commit(ok)
+        self.outcomes.add(out.loss.detach(), loss_ok, ok)
+        return out
+
+    def _optimizer_step(self, ok: torch.Tensor) -> None:
+        """The update, only where ``ok`` (0-dim bool tensor) holds."""
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # fused optimisers skip their update on the device when found_inf is set (the
+            # protocol torch's GradScaler uses): parameters, moments and step count stay put
+            self.optimizer.found_inf = (~ok).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif ok:  # other optimisers: the decision is read on the host
+            self.optimizer.step()
+
+    def _check_nonfinite_run(self, counts: dict[str, float]) -> None:
+        if counts["longest_run"] > self.max_nonfinite_steps:
+            raise TrainingError(
+                f"{int(counts['longest_run'])} steps in a row had a non-finite loss or gradient (by step "
+                f"{self.progress.step}); lower --lr, use --grad_clip, check the data, or use --precision "
+                "bf16/fp32 instead of fp16"
+            )
+
+    def _log(self, window: _Window, out: LossOutput, bar: tqdm) -> None:
         progress = self.progress
+        before = (progress.skipped_steps, progress.amp_skipped_steps)
+        counts = self._sync_progress()
+        skipped, amp_skipped = progress.skipped_steps - before[0], progress.amp_skipped_steps - before[1]
+        if skipped:
+            log.warning(
+                "steps %d-%d: %d step(s) skipped for a non-finite loss or gradient",
+                window.first_step + 1,
+                progress.step,
+                skipped,
+            )
+        if amp_skipped:
+            log.info(
+                "steps %d-%d: the fp16 grad scaler skipped %d step(s) (an overflow; expected while the scale "
+                "settles), scale now %g",
+                window.first_step + 1,
+                progress.step,
+                amp_skipped,
+                self.scaler.get_scale(),
+            )
+        self._check_nonfinite_run(counts)
+        loss = counts["loss_sum"] / counts["loss_steps"] if counts["loss_steps"] else math.nan
+        means = parallel.mean_over_ranks({"loss": loss, **out.stats}, self.device)
         elapsed = time.perf_counter() - window.start
         record = {
             "step": progress.step,
             "epoch": progress.epoch,
             "epoch_step": progress.epoch_step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "loss": parallel.all_reduce_mean(float(window.loss) / window.steps, self.device),
-            **{k: parallel.all_reduce_mean(v, self.device) for k, v in stats.items()},
+            **means,
             "samples_per_s": window.samples / elapsed,
             "data_wait_s": window.data_wait / window.steps,
             "samples_seen": progress.samples_seen,
             "skipped_steps": progress.skipped_steps,
         }
         if self.scaler.is_enabled():
+            record["amp_skipped_steps"] = progress.amp_skipped_steps
             record["amp_scale"] = self.scaler.get_scale()
-        skipped = self.bad_data.check()
-        if skipped:
-            record["skipped_samples"] = skipped
+        skipped_samples = self.bad_data.check()
+        if skipped_samples:
+            record["skipped_samples"] = skipped_samples
         self.run_log.train(record)
         self.last_log = record
         bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.0f}")
 
 
+@dataclass
 class _Window:
-    """Sums between two log lines."""
+    """Host-side sums between two log lines."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), device=device)
-        self.steps = self.samples = 0
-        self.data_wait = 0.0
+    first_step: int
+    steps: int = 0
+    samples: int = 0
+    data_wait: float = 0.0
+
+    def __post_init__(self) -> None:
         self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss += loss
-        self.steps += 1
-        self.samples += samples

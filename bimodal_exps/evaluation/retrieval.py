@@ -8,12 +8,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import parallel
 from data.retrieval_split import ImagePathDataset, RetrievalSplit
 from data.transforms import eval_transform, pre_caption
+from data.workers import DataLoader
 
 RECALL_KS = (1, 5, 10)
 TABLE_COLUMNS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 import parallel
 from data.transforms import eval_transform
+from data.workers import DataLoader
 from evaluation.retrieval import encode_texts, evaluating
 
 ZEROSHOT_DATA = Path(__file__).resolve().parent / "zeroshot_data"

@@ -8,20 +8,27 @@ parameter gradients then yields exactly the single-process gradient of the globa
 batch.
 
 Per-sample state (``u``, ``tau``, momentum) lives in buffers indexed by dataset index.
-After every step all ranks write the new values of every sample of the global batch,
-so any rank's ``state_dict()`` is complete. An index that occurs several times in one
-global batch: all occurrences compute from the state before the step, and the value
-kept is that of the last occurrence in global batch order (rank 0 first).
+``compute`` returns the step's new values for every sample of the global batch as a
+:class:`StateUpdate`, which writes nothing until ``commit``: the trainer commits it only when
+the optimiser step is taken, so a skipped step (non-finite loss, fp16 overflow) leaves the
+state as it was. After a commit every rank holds the same state, so any rank's
+``state_dict()`` is complete. An index that occurs several times in one global batch: all
+occurrences compute from the state before the step, and the value kept is that of the last
+occurrence in global batch order (rank 0 first).
 
 The GCL losses keep ``log u`` instead of ``u`` so that ``exp(h / tau)`` never
 overflows: with tau = 0.005 and h in [-2, 2], ``h / tau`` reaches +-400.
+
+Each loss declares its hyperparameters once, as the dataclass ``HParams``: the command-line
+flags, the YAML keys and the constructor's arguments all come from it.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +37,89 @@ from torch import nn
 import parallel
 
 LOSS_ALIASES = {"sogclr_dro": "isogclr"}
+
+
+def hparam(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A loss hyperparameter: its default, its ``--help`` text and (for strings) its choices."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ---- hyperparameters, declared once; the losses' HParams combine these groups ----------
+
+
+@dataclass(frozen=True)
+class FixedTemperature:
+    temp: float = hparam(0.01, "temperature of clip and sogclr")
+
+
+@dataclass(frozen=True)
+class CLIPHParams(FixedTemperature):
+    learnable_temp: bool = hparam(False, "clip: learn one global temperature, kept in [0.001, 0.5]")
+
+
+@dataclass(frozen=True)
+class GammaSchedule:
+    sogclr_gamma: float = hparam(0.8, "moving-average weight gamma of u (the minimum under a schedule)")
+    gamma_schedule: str = hparam(
+        "constant", "gamma per epoch: constant, or cosine from 1 down to --sogclr_gamma", choices=("constant", "cosine")
+    )
+    gamma_decay_epochs: int = hparam(1, "epochs over which the cosine gamma schedule decays")
+
+
+@dataclass(frozen=True)
+class SogCLRHParams(GammaSchedule, FixedTemperature):
+    pass
+
+
+@dataclass(frozen=True)
+class ISogCLRHParams(GammaSchedule):
+    tau_init: float = hparam(0.01, "isogclr: initial per-sample temperature")
+    tau_min: float = hparam(0.005, "isogclr: smallest temperature")
+    tau_max: float = hparam(1.0, "isogclr: largest temperature")
+    rho_init: float = hparam(6.0, "isogclr: KL-DRO radius rho of both modalities")
+    rho_I: float | None = hparam(None, "isogclr: image-side rho (None: --rho_init)")
+    rho_T: float | None = hparam(None, "isogclr: text-side rho (None: --rho_init)")
+    eta_init: float = hparam(0.03, "isogclr: temperature learning rate eta")
+    eta_sched: str = hparam("const", "eta per epoch", choices=("const", "cosine", "exp"))
+    eta_min: float = hparam(1e-4, "isogclr: final eta of the cosine and exp schedules")
+    eta_exp_base: float = hparam(0.8, "isogclr: lambda of the exp eta schedule")
+    beta_u: float = hparam(0.9, "isogclr: momentum of the temperature gradient")
+
+
+# ---- what compute() returns -------------------------------------------------------------
+
+
+@dataclass
+class StateUpdate:
+    """New per-sample values for every sample of one step's global batch, not yet written.
+
+    ``writes``: (buffer, indices [n], values [n]) with duplicates of an index carrying the value
+    of its last occurrence, so a plain ``buffer[idx] = values`` is deterministic. ``finite``:
+    0-dim bool, every new value is finite.
+    """
+
+    writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    finite: torch.Tensor
+
+    def commit(self, ok: torch.Tensor | None = None) -> None:
+        """Write the values when they are finite and ``ok`` (a 0-dim bool tensor, the trainer's
+        decision to take the step) holds; decided on the device, so no host sync."""
+        keep = self.finite if ok is None else self.finite & ok
+        for buffer, idx, new in self.writes:
+            buffer[idx] = torch.where(keep, new, buffer[idx].to(new.dtype)).to(buffer.dtype)
+
+
+@dataclass
+class LossOutput:
+    """``loss``: 0-dim float32 to back-propagate; ``stats``: 0-dim tensors (or floats) to log;
+    ``update``: the state update, written by ``update.commit``."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor | float]
+    update: StateUpdate
+
+
+# ---- shared pieces ----------------------------------------------------------------------
 
 
 @dataclass
@@ -58,7 +148,8 @@ def _gather_similarities(image_feat: torch.Tensor, text_feat: torch.Tensor) -> _
     return _GlobalBatch(sim_img, sim_txt, pos)
 
 
-def _check_inputs(image_feat, text_feat, image_idx, text_idx, data_size: int | None) -> None:
+def _check_shapes(image_feat: torch.Tensor, text_feat: torch.Tensor, image_idx, text_idx) -> None:
+    """Shape checks: metadata only, no device sync."""
     b = image_feat.shape[0]
     if image_feat.shape != text_feat.shape or image_feat.dim() != 2:
         raise ValueError(
@@ -70,11 +161,18 @@ def _check_inputs(image_feat, text_feat, image_idx, text_idx, data_size: int | N
             "a contrastive loss needs at least 2 samples in the global batch (no negatives "
             "otherwise); increase --batch_size_train"
         )
-    if data_size is None:
-        return
     for name, idx in (("image", image_idx), ("text", text_idx)):
         if idx.shape != (b,):
             raise ValueError(f"{name}_idx must have shape [{b}], got {tuple(idx.shape)}")
+
+
+def check_indices(image_idx: torch.Tensor, text_idx: torch.Tensor, data_size: int) -> None:
+    """Every index inside ``[0, data_size)``, else a ValueError naming --data_size.
+
+    Reads the indices on the host: the training loop checks them in the data pipeline, on the
+    CPU, before the batch reaches the device.
+    """
+    for name, idx in (("image", image_idx), ("text", text_idx)):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= data_size:
             bad = hi if hi >= data_size else lo
@@ -82,12 +180,6 @@ def _check_inputs(image_feat, text_feat, image_idx, text_idx, data_size: int | N
                 f"{name} index {bad} is outside [0, {data_size}): --data_size must exceed the "
                 f"largest sample index; set --data_size to at least {max(hi + 1, data_size)}"
             )
-
-
-def _floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """0-dim tensors -> floats with a single device sync."""
-    values = torch.stack([v.detach().float() for v in stats.values()]).tolist()
-    return dict(zip(stats, values, strict=True))
 
 
 def _last_occurrence_values(idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -109,8 +201,19 @@ def _last_occurrence_values(idx: torch.Tensor, values: torch.Tensor) -> torch.Te
     return out
 
 
+def floats(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Stats as Python floats, with a single device sync for all tensors."""
+    tensors = {k: v for k, v in stats.items() if isinstance(v, torch.Tensor)}
+    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist() if tensors else []
+    out = {k: float(v) for k, v in stats.items() if not isinstance(v, torch.Tensor)}
+    out.update(zip(tensors, values, strict=True))
+    return {k: out[k] for k in stats}
+
+
 class ContrastiveLoss(nn.Module):
-    """Base class: input checks, epoch bookkeeping, state synchronisation."""
+    """Base class: the standalone call, epoch bookkeeping, state updates."""
+
+    HParams: ClassVar[type] = type(None)
 
     def __init__(self, data_size: int | None = None) -> None:
         super().__init__()
@@ -121,42 +224,57 @@ class ContrastiveLoss(nn.Module):
         """Set the 0-based epoch that drives the gamma / eta schedules."""
         self.epoch = epoch
 
-    def _write_state(self, columns: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Write new per-sample values for the whole global batch on every rank.
+    def compute(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        """The loss on this rank's local batch (features [b, d], indices [b]); writes no state
+        and reads nothing from the device."""
+        raise NotImplementedError
+
+    def forward(self, image_feat, text_feat, image_idx, text_idx) -> tuple[torch.Tensor, dict[str, float]]:
+        """Standalone use: check the indices, compute, write the state (when finite); returns
+        the loss and the stats as floats."""
+        if self.data_size is not None:
+            check_indices(image_idx, text_idx, self.data_size)
+        out = self.compute(image_feat, text_feat, image_idx, text_idx)
+        out.update.commit()
+        return out.loss, floats(out.stats)
+
+    def _state_update(self, columns: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> StateUpdate:
+        """Gather the new values of the whole global batch (one collective, fixed size).
 
         ``columns`` maps a buffer name to (local indices [b], new local values [b]).
-        Values of all ranks are gathered in one collective; nothing is written when any
-        value is non-finite. Returns that all-finite flag (a 0-dim bool tensor).
         """
+        if not columns:
+            return StateUpdate([], torch.ones((), dtype=torch.bool, device=device))
         names = list(columns)
         # [b, 2 * len(names)] of (index, value) pairs; float64 holds indices exactly up to 2**53
         packed = torch.stack([t.double() for name in names for t in columns[name]], dim=1)
-        packed = parallel.all_gather_cat(packed)
-        finite = torch.isfinite(packed).all()
+        packed = parallel.all_gather_equal(packed)
+        writes = []
         for k, name in enumerate(names):
-            buffer = getattr(self, name)
             idx = packed[:, 2 * k].long()
             new = _last_occurrence_values(idx, packed[:, 2 * k + 1 : 2 * k + 2])[:, 0]
-            buffer[idx] = torch.where(finite, new, buffer[idx].double()).to(buffer.dtype)
-        return finite
+            writes.append((getattr(self, name), idx, new))
+        return StateUpdate(writes, torch.isfinite(packed).all())
 
 
 class CLIPLoss(ContrastiveLoss):
     """Mini-batch InfoNCE (ALGORITHMS.md 1) with a fixed or learnable temperature."""
 
+    HParams = CLIPHParams
     TEMP_RANGE = (0.001, 0.5)
 
-    def __init__(self, data_size: int | None = None, temp: float = 0.01, learnable_temp: bool = False):
+    def __init__(self, data_size: int | None = None, hp: CLIPHParams = CLIPHParams(), epochs: int = 1):
         super().__init__(data_size)
-        if learnable_temp:
-            self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.learnable_temp = hp.learnable_temp
+        if hp.learnable_temp:
+            self.temp = nn.Parameter(torch.tensor(float(hp.temp)))
         else:
-            self.register_buffer("temp", torch.tensor(float(temp)), persistent=False)
-        self.learnable_temp = learnable_temp
+            self.register_buffer("temp", torch.tensor(float(hp.temp)), persistent=False)
 
-    def forward(self, image_feat, text_feat, image_idx, text_idx):
-        _check_inputs(image_feat, text_feat, image_idx, text_idx, self.data_size)
+    def compute(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        _check_shapes(image_feat, text_feat, image_idx, text_idx)
         if self.learnable_temp:
+            # the projection of the previous optimiser step back into the range (idempotent)
             with torch.no_grad():
                 self.temp.clamp_(*self.TEMP_RANGE)
         batch = _gather_similarities(image_feat, text_feat)
@@ -164,7 +282,7 @@ class CLIPLoss(ContrastiveLoss):
             F.cross_entropy(batch.sim_img / self.temp, batch.pos)
             + F.cross_entropy(batch.sim_txt / self.temp, batch.pos)
         )
-        return loss, {"temp": float(self.temp.detach())}
+        return LossOutput(loss, {"temp": self.temp.detach()}, self._state_update({}, image_feat.device))
 
 
 @dataclass
@@ -235,29 +353,22 @@ def gamma_at(epoch: int, gamma: float, schedule: str, decay_epochs: int) -> floa
     raise ValueError(f"unknown --gamma_schedule {schedule!r}; use 'constant' or 'cosine'")
 
 
-class SogCLRLoss(ContrastiveLoss):
-    """Global contrastive loss with one fixed temperature (ALGORITHMS.md 2).
+class GCLLoss(ContrastiveLoss):
+    """The global contrastive loss core (ALGORITHMS.md 2): the moving estimate ``u`` of every
+    sample's negative term and the weighted surrogate.
 
-    Subclasses change only where the temperature of an anchor comes from
-    (``_anchor_tau``) and how it learns (``_update_tau``).
+    Variants change only where the temperature of an anchor comes from (``_anchor_tau``) and
+    how it learns (``_update_tau``).
     """
 
-    def __init__(
-        self,
-        data_size: int,
-        temp: float = 0.01,
-        sogclr_gamma: float = 0.8,
-        gamma_schedule: str = "constant",
-        gamma_decay_epochs: int = 1,
-    ) -> None:
+    def __init__(self, data_size: int, gamma: GammaSchedule) -> None:
         super().__init__(data_size)
-        self.temp = float(temp)
         self.gamma, self.gamma_schedule, self.gamma_decay_epochs = (
-            sogclr_gamma,
-            gamma_schedule,
-            gamma_decay_epochs,
+            gamma.sogclr_gamma,
+            gamma.gamma_schedule,
+            gamma.gamma_decay_epochs,
         )
-        gamma_at(0, sogclr_gamma, gamma_schedule, gamma_decay_epochs)  # validates the schedule name
+        gamma_at(0, self.gamma, self.gamma_schedule, self.gamma_decay_epochs)  # validates the schedule name
         for side in ("I", "T"):
             self.register_buffer(f"log_u_{side}", torch.zeros(data_size))
             self.register_buffer(f"seen_{side}", torch.zeros(data_size, dtype=torch.bool))
@@ -268,7 +379,7 @@ class SogCLRLoss(ContrastiveLoss):
 
     def _anchor_tau(self, side: str, idx: torch.Tensor) -> torch.Tensor:
         """Temperature [b] of each local anchor of one side ("I" or "T")."""
-        return torch.full(idx.shape, self.temp, device=idx.device)
+        raise NotImplementedError
 
     def _update_tau(
         self, side: str, idx: torch.Tensor, tau: torch.Tensor, anchors: _AnchorTerms, stats: dict
@@ -276,13 +387,16 @@ class SogCLRLoss(ContrastiveLoss):
         """New temperature state for the anchors of one side; none for a fixed temperature."""
         return {}
 
-    def forward(self, image_feat, text_feat, image_idx, text_idx):
-        _check_inputs(image_feat, text_feat, image_idx, text_idx, self.data_size)
+    def _schedule_stats(self) -> dict[str, float]:
+        return {"gamma": self.gamma_t}
+
+    def compute(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        _check_shapes(image_feat, text_feat, image_idx, text_idx)
         batch = _gather_similarities(image_feat, text_feat)
         gamma = self.gamma_t
         loss = image_feat.new_zeros((), dtype=torch.float32)
         new_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        stats: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor | float] = dict(self._schedule_stats())
         for side, sim, idx in (("I", batch.sim_img, image_idx), ("T", batch.sim_txt, text_idx)):
             tau = self._anchor_tau(side, idx)
             anchors = _gcl_anchor_terms(
@@ -299,8 +413,20 @@ class SogCLRLoss(ContrastiveLoss):
             new_state.update(self._update_tau(side, idx, tau, anchors, stats))
             stats[f"tau_{side}"] = tau.mean()
             stats[f"gcl_{side}"] = (tau * anchors.log_u).mean()  # tau * log(global mean of exp(h/tau))
-        stats["state_finite"] = self._write_state(new_state)
-        return loss, {"gamma": gamma, **_floats(stats)}
+        return LossOutput(loss, stats, self._state_update(new_state, image_feat.device))
+
+
+class SogCLRLoss(GCLLoss):
+    """SogCLR: the GCL core with one fixed temperature (ALGORITHMS.md 2)."""
+
+    HParams = SogCLRHParams
+
+    def __init__(self, data_size: int, hp: SogCLRHParams = SogCLRHParams(), epochs: int = 1) -> None:
+        super().__init__(data_size, hp)
+        self.temp = float(hp.temp)
+
+    def _anchor_tau(self, side, idx):
+        return torch.full(idx.shape, self.temp, device=idx.device)
 
 
 def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_base: float, epochs: int) -> float:
@@ -314,47 +440,45 @@ def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_b
     raise ValueError(f"unknown --eta_sched {schedule!r}; use 'const', 'cosine' or 'exp'")
 
 
-class ISogCLRLoss(SogCLRLoss):
-    """Robust GCL with a learned temperature per sample (ALGORITHMS.md 3)."""
+class ISogCLRLoss(GCLLoss):
+    """Robust GCL with a learned temperature per sample (ALGORITHMS.md 3).
 
-    def __init__(
-        self,
-        data_size: int,
-        sogclr_gamma: float = 0.8,
-        gamma_schedule: str = "constant",
-        gamma_decay_epochs: int = 1,
-        tau_init: float = 0.01,
-        tau_min: float = 0.005,
-        tau_max: float = 1.0,
-        rho_I: float = 6.0,
-        rho_T: float = 6.0,
-        eta_init: float = 0.03,
-        eta_sched: str = "const",
-        eta_min: float = 1e-4,
-        eta_exp_base: float = 0.8,
-        beta_u: float = 0.9,
-        epochs: int = 30,
-    ) -> None:
-        super().__init__(data_size, tau_init, sogclr_gamma, gamma_schedule, gamma_decay_epochs)
-        self.tau_min, self.tau_max = tau_min, tau_max
-        self.rho = {"I": rho_I, "T": rho_T}
+    ``epochs``: the run's length, which the cosine eta schedule spans.
+    """
+
+    HParams = ISogCLRHParams
+
+    def __init__(self, data_size: int, hp: ISogCLRHParams = ISogCLRHParams(), epochs: int = 1) -> None:
+        super().__init__(data_size, hp)
+        self.tau_min, self.tau_max = hp.tau_min, hp.tau_max
+        self.rho = {
+            "I": hp.rho_init if hp.rho_I is None else hp.rho_I,
+            "T": hp.rho_init if hp.rho_T is None else hp.rho_T,
+        }
         self.eta = dict(
-            eta_init=eta_init, schedule=eta_sched, eta_min=eta_min, eta_exp_base=eta_exp_base, epochs=epochs
+            eta_init=hp.eta_init,
+            schedule=hp.eta_sched,
+            eta_min=hp.eta_min,
+            eta_exp_base=hp.eta_exp_base,
+            epochs=epochs,
         )
-        self.beta = beta_u
+        self.beta = hp.beta_u
         eta_at(0, **self.eta)  # validates the schedule name
         for side in ("I", "T"):
-            self.register_buffer(f"tau_{side}", torch.full((data_size,), float(tau_init)))
+            self.register_buffer(f"tau_{side}", torch.full((data_size,), float(hp.tau_init)))
             self.register_buffer(f"m_{side}", torch.zeros(data_size))
 
     @property
     def eta_t(self) -> float:
         return eta_at(self.epoch, **self.eta)
 
+    def _schedule_stats(self) -> dict[str, float]:
+        return {"gamma": self.gamma_t, "eta": self.eta_t}
+
     def _anchor_tau(self, side, idx):
         return getattr(self, f"tau_{side}")[idx]
 
-    def temperatures(self) -> dict[str, torch.Tensor]:
+    def temperatures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Learned temperatures of the samples seen so far: {"image"/"text": (indices [n], tau [n])}."""
         out = {}
         for side, name in (("I", "image"), ("T", "text")):
@@ -369,21 +493,38 @@ class ISogCLRLoss(SogCLRLoss):
         tau_new = (tau - self.eta_t * m_new).clamp(self.tau_min, self.tau_max)
         return {f"m_{side}": (idx, m_new), f"tau_{side}": (idx, tau_new)}
 
-    def forward(self, image_feat, text_feat, image_idx, text_idx):
-        loss, stats = super().forward(image_feat, text_feat, image_idx, text_idx)
-        return loss, {**stats, "eta": self.eta_t}
-
 
 LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": CLIPLoss, "sogclr": SogCLRLoss, "isogclr": ISogCLRLoss}
 
 
-def build_loss(name: str, data_size: int, **hp) -> ContrastiveLoss:
-    """Build a loss by its ``--ita_type`` name; ``hp`` may hold every loss flag, each loss
-    takes the ones it knows (see the constructors)."""
+def loss_hparam_fields() -> dict[str, dataclasses.Field]:
+    """Every loss hyperparameter by name (each declared once, shared by the losses that use it)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in LOSSES.values():
+        for f in dataclasses.fields(cls.HParams):
+            fields.setdefault(f.name, f)
+    return fields
+
+
+def resolve_loss_name(name: str) -> str:
+    """The canonical ``--ita_type`` name (aliases resolved); ValueError listing the valid ones."""
     key = LOSS_ALIASES.get(name, name)
     if key not in LOSSES:
         valid = sorted([*LOSSES, *LOSS_ALIASES])
         raise ValueError(f"unknown loss (--ita_type) {name!r}; valid names: {', '.join(valid)}")
-    cls = LOSSES[key]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(data_size=data_size, **{k: v for k, v in hp.items() if k in accepted})
+    return key
+
+
+def build_loss(name: str, data_size: int, epochs: int = 1, **hp: Any) -> ContrastiveLoss:
+    """Build a loss by its ``--ita_type`` name.
+
+    ``hp`` may hold any loss's hyperparameters (the flags of every loss): each loss takes its
+    own (``LOSSES[name].HParams``) and ignores those of the others; a name that is no loss's
+    hyperparameter is refused. ``epochs``: the run's length, for schedules that span it.
+    """
+    cls = LOSSES[resolve_loss_name(name)]
+    unknown = sorted(set(hp) - set(loss_hparam_fields()))
+    if unknown:
+        raise ValueError(f"unknown loss hyperparameter(s) {', '.join(unknown)}; known: {sorted(loss_hparam_fields())}")
+    own = {f.name for f in dataclasses.fields(cls.HParams)}
+    return cls(data_size, cls.HParams(**{k: v for k, v in hp.items() if k in own}), epochs=epochs)

@@ -28,6 +28,28 @@ def _offline_help(what: str, fill_cache: str, original: Exception, weights: bool
     )
 
 
+# Where a run keeps its text encoder's config and tokenizer, so that resuming and evaluating
+# its checkpoints need neither the hub nor its cache.
+TEXT_ENCODER_FOLDER = "text_encoder"
+
+
+def text_encoder_source(name: str, run_dir: str | os.PathLike | None) -> str:
+    """The folder a run stored its text encoder's files in, when it exists, else ``name``."""
+    if run_dir is not None:
+        folder = os.path.join(run_dir, TEXT_ENCODER_FOLDER)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    return name
+
+
+def save_text_encoder(run_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, model: CLIPModel) -> None:
+    """Store the text encoder's config and tokenizer in ``run_dir/text_encoder`` (once)."""
+    folder = os.path.join(run_dir, TEXT_ENCODER_FOLDER)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        tokenizer.save_pretrained(folder)
+        model.text_encoder.config.save_pretrained(folder)
+
+
 def load_tokenizer(text_encoder: str) -> PreTrainedTokenizerBase:
     """Tokenizer of a HF hub name or a local folder (the synthetic dataset writes one)."""
     try:
@@ -112,12 +134,14 @@ def build_model(
     image_encoder: str,
     text_encoder: str,
     embed_dim: int,
-    init_model: bool = False,
+    pretrained: bool = False,
     image_encoder_kwargs: dict | None = None,
 ) -> CLIPModel:
-    """The CLIP model; ``init_model`` loads both encoders' pretrained weights from the libraries' caches."""
+    """The CLIP model; ``pretrained`` loads both encoders' weights from the libraries' caches
+    (``--init_model``), otherwise they are built from their architecture alone (random weights,
+    or weights that a checkpoint then provides)."""
     return CLIPModel(
-        build_image_encoder(image_encoder, init_model, image_encoder_kwargs),
-        build_text_encoder(text_encoder, init_model),
+        build_image_encoder(image_encoder, pretrained, image_encoder_kwargs),
+        build_text_encoder(text_encoder, pretrained),
         embed_dim,
     )
