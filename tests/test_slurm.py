@@ -33,9 +33,9 @@ RUN_JOB = "test-run-slurm"
 STEPS_PER_EPOCH = 12  # 396 readable samples // global batch 32 (16 per rank x 2 ranks)
 
 
-def write_tiny_config(data_root: Path, path: Path) -> Path:
+def write_tiny_config(data_root: Path, path: Path, workers: int = 0) -> Path:
     """The tiny run's settings as a YAML config; output folder, epochs and batch size are left to the scripts."""
-    flags = tiny_run_args(data_root, "unused")
+    flags = tiny_run_args(data_root, "unused", workers=workers)
     # values stay strings: clip.py converts them as it converts command-line values
     values = {k.removeprefix("--"): v for k, v in zip(flags[::2], flags[1::2], strict=True)}
     for key in ("output_dir", "epochs", "batch_size_train"):
@@ -110,7 +110,8 @@ def run_env(config: Path, output_dir: Path) -> dict[str, str]:
 def slurm_run(slurm, tiny_dataset, tmp_path_factory):
     """``sbatch run.slurm`` from the repository root: 2 tasks, 2 epochs; (job, config, output folder)."""
     folder = tmp_path_factory.mktemp("slurm_run")
-    config = write_tiny_config(tiny_dataset, folder / "tiny.yaml")
+    # loader workers: Slurm signals every process of the job, workers included
+    config = write_tiny_config(tiny_dataset, folder / "tiny.yaml", workers=2)
     out = folder / "run"
     remove_job_logs(RUN_JOB)
     try:
@@ -199,8 +200,13 @@ def job_name(request):
         # what preemption with requeueing does: SIGTERM to every process of the job, the batch
         # script and srun included; Slurm requeues the job itself
         ["scontrol", "requeue"],
+        # SIGTERM to every process of the job's steps (the ranks and their loader workers)
+        # without ending the job: the ranks checkpoint, and the job, still running, requeues itself
+        ["scancel", "--signal=TERM"],
+        # SIGUSR1 to every process of the job, the batch script, srun and the loader workers included
+        ["scancel", "--full", "--signal=USR1"],
     ],
-    ids=["usr1", "requeue"],
+    ids=["usr1", "requeue", "term-steps", "usr1-full"],
 )
 def test_interrupted_job_resumes_where_it_stopped(slurm, slurm_run, interrupt, job_name, tmp_path):
     """The job checkpoints, is requeued and resumes; it ends as the uninterrupted job did, in one log."""
@@ -217,9 +223,10 @@ def test_interrupted_job_resumes_where_it_stopped(slurm, slurm_run, interrupt, j
     assert job.restarts == 1, log[-4000:]
     # one log for both runs (--open-mode=append): the stop, the requeue, the resumed run
     assert log.count(f">>> Slurm job {job_id}:") == 2
-    stopped_by = "SIGUSR1" if interrupt[0] == "scancel" else "SIGTERM"
+    stopped_by = "SIGTERM" if interrupt[-1] in ("requeue", "--signal=TERM") else "SIGUSR1"
     assert f"{stopped_by}: saving a checkpoint at step" in log or "stopping after epoch" in log
     assert ">>> training stopped by a signal after saving a checkpoint" in log
+    assert "exited unexpectedly" not in log
     if interrupt[0] == "scancel":
         assert f">>> requeueing job {job_id}" in log
     else:

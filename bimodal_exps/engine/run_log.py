@@ -28,6 +28,23 @@ def setup_logging(output_dir: str | Path | None, is_main: bool) -> None:
         root.addHandler(handler)
 
 
+def _records(path: Path) -> list[str]:
+    """The complete JSON lines of a record file; a line torn by a kill mid-write (it can only be
+    the last) is dropped with a warning."""
+    lines = [line if line.endswith("\n") else line + "\n" for line in path.read_text().splitlines() if line.strip()]
+    complete = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            logging.getLogger("clip").warning(
+                "%s: dropping line %d, torn by an interrupted write: %r", path, number, line[:80]
+            )
+            continue
+        complete.append(line)
+    return complete
+
+
 class RunLog:
     """Appends JSON lines and TensorBoard scalars; a no-op on ranks other than 0."""
 
@@ -45,8 +62,7 @@ class RunLog:
         for name in RECORDS:
             path = self.dir / name
             if path.is_file():
-                lines = path.read_text().splitlines(keepends=True)
-                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+                kept = [line for line in _records(path) if json.loads(line).get("step", 0) <= step]
                 tmp = path.with_name(f".{name}.tmp")
                 tmp.write_text("".join(kept))
                 os.replace(tmp, path)
