@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         if os.environ.get("CLIP_DEBUG"):
             raise
-        print(f"error: {_user_message(err)}", file=sys.stderr)
+        if getattr(err, "rank", 0) == 0:  # an error every rank raised alike is printed once
+            print(f"error: {_user_message(err)}", file=sys.stderr)
         return EXIT_FAILED if isinstance(err, TrainingError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C: the steps since the last checkpoint are lost", file=sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tarfile
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 import yaml
 
 import clip
+from shard_factory import write_stats, write_tar
 from tiny_run import LEARNING, tiny_run_args
 
 
@@ -164,4 +167,54 @@ def test_caption_json_training_source(tiny_dataset, tmp_path):
         batch_size_train=16,
     )
     assert clip.main(args) == 0
-    assert read_jsonl(out / "log.jsonl")[-1]["step"] == 64 // 16
+    rows = len(json.loads((tiny_dataset / "clip_train" / "synthetic_train.json").read_text()))
+    assert read_jsonl(out / "log.jsonl")[-1]["step"] == rows // 16
+
+
+def regroup_shards(root, out_dir, sizes: list[int]) -> int:
+    """The tiny training samples rewritten as shards of the given (unequal) sizes, with stats files."""
+    samples = defaultdict(dict)
+    for tar_path in sorted((root / "train").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, suffix = member.name.split(".", 1)
+                samples[key][suffix] = tar.extractfile(member).read()
+    keys = sorted(samples)
+    assert sum(sizes) <= len(keys)
+    out_dir.mkdir()
+    start = 0
+    for s, size in enumerate(sizes):
+        path = out_dir / f"{s:05d}.tar"
+        write_tar(path, [(k, samples[k]) for k in keys[start : start + size]])
+        write_stats(path, size, size)
+        start += size
+    return start
+
+
+def test_epochs_have_the_length_they_claim(tiny_dataset, tmp_path):
+    """Several loader workers over shards of unequal sizes: every epoch runs all its steps (a worker
+    whose shards run short reads them again), the schedule ends at --min_lr, and the last step of
+    every epoch is logged."""
+    samples = regroup_shards(tiny_dataset, tmp_path / "shards", [20, 35, 90, 45, 110, 96])
+    out = tmp_path / "run"
+    args = tiny_run_args(
+        tiny_dataset, out, train_data=str(tmp_path / "shards"), workers=3, batch_size_train=20, log_every=7, epochs=2
+    )
+    assert clip.main(args) == 0
+    steps = samples // 20
+    lines = read_jsonl(out / "log.jsonl")
+    epoch_ends = [(line["epoch"], line["epoch_step"]) for line in lines if line["epoch_step"] == steps]
+    assert epoch_ends == [(0, steps), (1, steps)]
+    assert lines[-1]["step"] == 2 * steps and lines[-1]["samples_seen"] == 2 * steps * 20
+    assert lines[-1]["lr"] == pytest.approx(1e-6, rel=1e-6)  # --min_lr, the end of the cosine schedule
+    assert "skipped_samples" not in lines[-1]
+
+
+def test_fp16_on_the_cpu_is_fp16(tiny_dataset, tmp_path, capsys):
+    """--precision fp16 (and --use_amp) mean autocast float16 with a grad scaler, on the CPU too."""
+    out = tmp_path / "run"
+    assert clip.main(tiny_run_args(tiny_dataset, out, epochs=1, use_amp=True)) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "fp16"
+    assert "precision fp16 (autocast float16, grad scaler)" in capsys.readouterr().out
+    line = read_jsonl(out / "log.jsonl")[-1]
+    assert line["amp_scale"] > 0 and "amp_skipped_steps" in line and np.isfinite(line["loss"])

@@ -104,3 +104,8 @@ def test_all_samples_bad(tiny_dataset, tmp_path, capsys):
     (shard_dir / "00000_stats.json").write_text(json.dumps({"successes": 40}))
     message = run_failing(tiny_run_args(tiny_dataset, tmp_path / "o", train_data=str(shard_dir)), capsys)
     assert "00000.tar" in message and "bad_image" in message
+
+
+def test_sync_bn_needs_cuda(tiny_dataset, tmp_path, capsys):
+    message = run_failing(tiny_run_args(tiny_dataset, tmp_path / "o", sync_bn=True), capsys)
+    assert "--sync_bn needs CUDA devices" in message and "--device is cpu" in message

@@ -160,3 +160,22 @@ def test_resume_from_another_model_or_loss_is_refused(tiny_dataset, tmp_path, ca
     assert "--resume" in err and "ita_type" in err and "'isogclr' there, 'sogclr' here" in err
     assert clip.main(run_args(tiny_dataset, out, workers=0, epochs=2, resume="auto", embed_dim=8)) == 2
     assert "embed_dim: 16 there, 8 here" in capsys.readouterr().err
+
+
+def test_torn_last_log_lines_are_dropped_at_resume(tiny_dataset, tmp_path, capsys):
+    """A kill in the middle of writing log.jsonl or eval.jsonl leaves a torn last line: the resume
+    drops it with a warning (TARGETS R13) and the files read as one run again."""
+    out = tmp_path / "run"
+    assert clip.main(run_args(tiny_dataset, out, workers=0, epochs=1)) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 13, "epoch": 1, "lo')
+    with open(out / "eval.jsonl", "a") as f:
+        f.write('{"dataset": "synthetic_val", "spl')
+    capsys.readouterr()
+    assert clip.main(run_args(tiny_dataset, out, workers=0, epochs=2, resume="auto")) == 0
+    torn = [line for line in capsys.readouterr().out.splitlines() if "torn by an interrupted write" in line]
+    assert len(torn) == 2 and any("log.jsonl" in m for m in torn) and any("eval.jsonl" in m for m in torn)
+    for name in ("log.jsonl", "eval.jsonl"):
+        records = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        assert records and all("step" in r for r in records)
+    assert log_steps(out) == list(range(1, log_steps(out)[-1] + 1))

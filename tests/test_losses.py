@@ -319,8 +319,40 @@ def test_index_out_of_range_names_data_size(name, bad):
 @pytest.mark.parametrize("name", ["clip", "sogclr", "isogclr"])
 def test_batch_of_one_is_rejected(name):
     loss_fn = build_loss(name, data_size=N, **HP)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 2 samples in the global batch"):
         loss_fn(unit_rows(19, 1, 5), unit_rows(20, 1, 5), torch.tensor([0]), torch.tensor([0]))
+
+
+def test_unknown_hyperparameter_is_refused():
+    with pytest.raises(ValueError, match=r"unknown loss hyperparameter\(s\) tempreature; known: .*'temp'"):
+        build_loss("clip", data_size=N, tempreature=0.1)
+
+
+# The schedules at hand-computed points of spec/ALGORITHMS.md (not via the reference's copy):
+# cosine gamma, g_min 0.2 over 4 epochs: 0.2 + 0.8 (1 + cos(pi e / 4)) / 2; cosine eta, eta_0 0.03,
+# eta_min 1e-4 over 10 epochs: 1e-4 + 0.0299 cos(pi e / 20); exp eta, lambda 0.8: 0.0299 * 0.8^e + 1e-4.
+GAMMA_COSINE = [(0, 1.0), (1, 0.882842712), (2, 0.6), (3, 0.317157288), (4, 0.2), (7, 0.2)]
+ETA_COSINE = [(0, 0.03), (5, 0.021242493), (10, 0.0001)]
+ETA_EXP = [(0, 0.03), (1, 0.02402), (2, 0.019236), (5, 0.009897632)]
+
+
+@pytest.mark.parametrize(("epoch", "want"), GAMMA_COSINE)
+def test_gamma_schedule_by_hand(epoch, want):
+    loss_fn = build_loss("sogclr", data_size=N, sogclr_gamma=0.2, gamma_schedule="cosine", gamma_decay_epochs=4)
+    loss_fn.set_epoch(epoch)
+    assert loss_fn.gamma_t == pytest.approx(want, abs=1e-8)
+    stats = run_module(loss_fn, unit_rows(80, 4, 5), unit_rows(81, 4, 5), [0, 1, 2, 3], [0, 1, 2, 3])[3]
+    assert stats["gamma"] == pytest.approx(want, abs=1e-8)
+
+
+@pytest.mark.parametrize(("sched", "points"), [("cosine", ETA_COSINE), ("exp", ETA_EXP)])
+def test_eta_schedule_by_hand(sched, points):
+    loss_fn = build_loss("isogclr", data_size=N, epochs=10, eta_init=0.03, eta_sched=sched, eta_min=1e-4)
+    for epoch, want in points:
+        loss_fn.set_epoch(epoch)
+        assert loss_fn.eta_t == pytest.approx(want, abs=1e-8), (sched, epoch)
+    loss_fn.set_epoch(0)
+    assert loss_fn.gamma_t == 0.8  # constant gamma by default
 
 
 def test_unknown_loss_name_lists_valid_names():

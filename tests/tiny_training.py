@@ -72,15 +72,16 @@ class ListData:
         return None
 
 
-def make_trainer(model, loss_fn, optimizer, tmp_dir, **kwargs) -> Trainer:
-    """A Trainer on the CPU with a constant learning rate, logging every step to ``tmp_dir``."""
+def make_trainer(model, loss_fn, optimizer, tmp_dir, scaler=None, amp_dtype=None, **kwargs) -> Trainer:
+    """A Trainer on the CPU with a constant learning rate, logging every step to ``tmp_dir``
+    (float32 unless ``amp_dtype`` and a grad ``scaler`` are given)."""
     return Trainer(
         model=model,
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        amp_dtype=None,
+        scaler=scaler or torch.amp.GradScaler("cpu", enabled=False),
+        amp_dtype=amp_dtype,
         device=torch.device("cpu"),
         run_log=RunLog(tmp_dir, enabled=True),
         checkpoints=CheckpointDir(tmp_dir),

@@ -30,7 +30,13 @@ RESUME_KEYS = (*ARCHITECTURE_KEYS, "ita_type", "data_size")
 
 
 class CheckpointError(RuntimeError):
-    """The chosen checkpoint cannot be loaded on every rank; the message names rank and path."""
+    """The chosen checkpoint cannot be loaded on every rank; the message names rank and path.
+
+    Every rank raises the same one; ``rank`` says which rank raised it, so that one prints it."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 def choose_resume(resume: str | None, output_dir: str | Path) -> str | None:
@@ -67,7 +73,8 @@ def load_on_every_rank(path: str | Path, purpose: str) -> dict:
         raise CheckpointError(
             f"cannot {purpose} from {path}: {'; '.join(problems)}. Every rank must see the same file: put "
             "--output_dir on a file system shared by all nodes (and let it catch up), or copy the checkpoint "
-            "to each node's folder"
+            "to each node's folder",
+            parallel.rank(),
         )
     return state
 
