@@ -20,7 +20,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from data.transforms import MEAN, STD, pre_caption
+from data.transforms import pre_caption
 
 PALETTE = {
     "red": (230, 20, 20),
@@ -54,8 +54,8 @@ def jpeg_bytes(colour: str, size: int = 16) -> bytes:
 
 
 def nearest_colour(image) -> str:
-    """Palette name closest to the mean colour of a normalised tensor [3, H, W]."""
-    rgb = (image * np.array(STD)[:, None, None] + np.array(MEAN)[:, None, None]).mean(axis=(1, 2)) * 255
+    """Palette name closest to the mean colour of a uint8 image [3, H, W]."""
+    rgb = np.asarray(image, dtype=np.float64).mean(axis=(1, 2))
     return min(NAMES, key=lambda n: float(np.sum((np.array(PALETTE[n]) - np.asarray(rgb)) ** 2)))
 
 

@@ -84,7 +84,7 @@ def test_indices_captions_and_images_match_the_rows(data_files, tokenizer):
     batches = list(data.loader)
     assert len(batches) == data.steps_per_epoch
     for batch in batches:
-        assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+        assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.uint8
         assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
         assert batch["skipped"] == {} and batch["skipped_shards"] == {}
         texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)

@@ -77,7 +77,7 @@ def indices(batches: list[dict]) -> list[int]:
 
 def check_batch(batch: dict, tokenizer, size: int) -> None:
     """Shapes, dtypes, and that image, caption and index belong to the same sample."""
-    assert batch["image"].shape == (size, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (size, 3, 16, 16) and batch["image"].dtype == torch.uint8
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[0] == size and batch["input_ids"].shape[1] <= MAX_WORDS

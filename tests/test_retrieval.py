@@ -65,7 +65,7 @@ class TinyModel(nn.Module):
         self.tokens = nn.Parameter(torch.randn(vocab_size, dim, generator=gen))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        mean = images.mean(dim=(2, 3))  # [b, 3]
+        mean = images.float().mean(dim=(2, 3))  # [b, 3] of uint8 images
         return F.normalize((mean[:, :, None] * self.colour).sum(1), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ def isogclr_trainer(tmp_path, fused: bool = False, **kwargs):
 
 
 def poisoned(batch: dict) -> dict:
-    return {**batch, "image": torch.full_like(batch["image"], float("nan"))}
+    """The batch with NaN pixels (a float image: uint8 cannot hold NaN; the model takes both)."""
+    return {**batch, "image": torch.full(batch["image"].shape, float("nan"))}
 
 
 def snapshot(trainer) -> dict:

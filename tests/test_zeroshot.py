@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from data.transforms import MEAN, STD, pre_caption
+from data.transforms import pre_caption
 from evaluation.zeroshot import ZEROSHOT_DATA, build_zeroshot_classifier, evaluate_zeroshot, zeroshot_dataset
 from test_retrieval import TinyModel, free_port, init_gloo, make_tokenizer
 
@@ -68,8 +68,8 @@ class ColourModel(nn.Module):
         self.register_buffer("palette", torch.tensor([PALETTE[c] for c in classnames]) / 255.0)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        rgb = images * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
-        dist = torch.cdist(rgb.mean(dim=(2, 3)), self.palette)  # [b, C]
+        rgb = images.float().mean(dim=(2, 3)) / 255.0  # uint8 images
+        dist = torch.cdist(rgb, self.palette)  # [b, C]
         return F.normalize(torch.softmax(-dist / 0.05, dim=1), dim=1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

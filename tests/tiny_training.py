@@ -48,7 +48,7 @@ def global_batches() -> list[dict]:
     for idx in index_sets[:STEPS]:
         batches.append(
             {
-                "image": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
+                "image": torch.randint(0, 256, (GLOBAL_BATCH, 3, 16, 16), generator=g, dtype=torch.uint8),
                 "input_ids": torch.randint(1, 40, (GLOBAL_BATCH, 7), generator=g),
                 "attention_mask": torch.ones(GLOBAL_BATCH, 7, dtype=torch.long),
                 "image_idx": torch.tensor(idx),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.transforms import pre_caption
+from data.transforms import pre_caption, to_uint8_tensor
+
+try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec; PIL decodes when they go
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+except ImportError:
+    decode_jpeg = None
 
 # Images with more pixels than this are skipped from their header, before decoding.
 MAX_PIXELS = 50_000_000
@@ -65,7 +73,7 @@ class Skips:
 class Pair:
     """One augmented image-caption pair.
 
-    ``image``: float32 [3, H, W]; ``caption``: already cleaned by ``pre_caption``;
+    ``image``: uint8 [3, H, W]; ``caption``: already cleaned by ``pre_caption``;
     ``skipped``: bad samples passed over to obtain this pair.
     """
 
@@ -76,16 +84,23 @@ class Pair:
     skipped: Skips = field(default_factory=Skips)
 
 
-def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode image bytes or an image file into an RGB PIL image.
+def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Decode image bytes or an image file into uint8 RGB [3, H, W].
 
     Raises ``BadSampleError("huge_image")`` when the header announces more than ``max_pixels``
     pixels (nothing is decoded then) and ``BadSampleError("bad_image")`` when the data is not a
-    decodable image (unknown format, truncated, corrupt).
+    decodable image (unknown format, truncated, corrupt). JPEGs are decoded by libjpeg-turbo
+    through torchvision straight into a tensor (0.5 ms for 256 px; PIL takes 0.8 ms including the
+    copy of its pixel buffer into a tensor); other formats by PIL.
     """
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    if not isinstance(source, bytes):
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except OSError as error:
+            raise BadSampleError("bad_image", _describe(error)) from error
     try:
-        image = Image.open(stream)  # reads the header only
+        image = Image.open(io.BytesIO(source))  # reads the header only
     except Image.DecompressionBombError as error:
         raise BadSampleError("huge_image", str(error)) from error
     except Exception as error:
@@ -95,7 +110,9 @@ def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) ->
         if width * height > max_pixels:
             raise BadSampleError("huge_image", f"{width}x{height} pixels")
         try:
-            return image.convert("RGB")
+            if image.format == "JPEG" and decode_jpeg is not None:
+                return decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return to_uint8_tensor(image)
         except Exception as error:
             raise BadSampleError("bad_image", _describe(error)) from error
 
@@ -111,7 +128,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0])
 
 
-def augment_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
+def augment_seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int) -> torch.Tensor:
     """Apply a torchvision transform with its random draws fixed by ``seed``.
 
     torchvision draws from torch's default CPU generator. Its state is restored afterwards so
@@ -139,7 +156,7 @@ def clean_caption(text: str, max_words: int) -> str:
 class TokenizingCollator:
     """List of pairs -> batch dict; tokenises here so the work happens in loader workers.
 
-    Batch: ``image`` float32 [b, 3, H, W]; ``input_ids``, ``attention_mask`` long [b, L]
+    Batch: ``image`` uint8 [b, 3, H, W]; ``input_ids``, ``attention_mask`` long [b, L]
     (L = longest caption in the batch, at most ``max_words`` tokens); ``image_idx``,
     ``text_idx`` long [b]; ``skipped`` dict kind -> count and ``skipped_shards`` dict
     source -> count of the bad samples passed over (both empty when none).

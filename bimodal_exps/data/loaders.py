@@ -48,7 +48,7 @@ class TrainData:
     hold fewer samples than its share of the epoch reads them again (see
     :class:`~data.shards.ShardStream`).
 
-    Batch keys: ``image`` float32 [b, 3, image_res, image_res]; ``input_ids``,
+    Batch keys: ``image`` uint8 [b, 3, image_res, image_res]; ``input_ids``,
     ``attention_mask`` long [b, L]; ``image_idx``, ``text_idx`` long [b] in
     ``[0, data_size)``; ``skipped`` dict kind -> count and ``skipped_shards`` dict source ->
     count of the bad samples passed over since the producing worker's previous batch (kinds:

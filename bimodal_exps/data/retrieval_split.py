@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.transforms import to_uint8_tensor
+
 # How many missing image paths an error message lists before summarising the rest.
 _MISSING_SHOWN = 5
 
@@ -79,9 +81,9 @@ def _check_entry(entry: object, n: int, json_path: str) -> None:
 
 
 class ImagePathDataset(Dataset):
-    """Images read from a list of paths: item ``i`` is (transform(RGB image), i)."""
+    """Images read from a list of paths: item ``i`` is (transform(uint8 RGB [3, H, W]), i)."""
 
-    def __init__(self, paths: list[str], transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, paths: list[str], transform: Callable[[torch.Tensor], torch.Tensor]):
         self.paths = paths
         self.transform = transform
 
@@ -92,7 +94,7 @@ class ImagePathDataset(Dataset):
         path = self.paths[i]
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB")
+                rgb = to_uint8_tensor(image)
         except OSError as e:
             raise OSError(f"cannot read evaluation image {path}: {e}") from e
         return self.transform(rgb), i

@@ -1,17 +1,20 @@
-"""Image transforms and caption cleaning shared by training and evaluation."""
+"""Image transforms and caption cleaning shared by training and evaluation.
+
+Images stay ``uint8`` from the decoder to the device: the crops and resizes work on uint8
+tensors (torchvision's vectorised uint8 resampling, fastest on the channels-last layout that
+PIL's pixel buffer has), batches travel as uint8 (a quarter of the float32 bytes) and the model
+normalises them on the device (``models.model_clip.CLIPModel.encode_image``).
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
-
-# CLIP's normalisation constants, as in the original code base.
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+from torchvision.transforms import v2
 
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPACES = re.compile(r"\s+")
@@ -23,26 +26,34 @@ def pre_caption(caption: str, max_words: int) -> str:
     return " ".join(words[:max_words])
 
 
+def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """A PIL image -> uint8 [3, H, W] RGB, a view of its pixel buffer (channels-last strides); a
+    tensor is returned as it is."""
+    if isinstance(image, torch.Tensor):
+        return image
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
 def train_transform(
     image_res: int, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True
-) -> Callable[[Image.Image], torch.Tensor]:
-    """RGB PIL image -> normalised float tensor [3, image_res, image_res]."""
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 [3, H, W] -> uint8 [3, image_res, image_res]: random resized crop (bicubic, as the
+    original set-up), optional horizontal flip; normalisation happens on the device."""
     steps: list = [
-        transforms.RandomResizedCrop(image_res, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC)
+        v2.RandomResizedCrop(image_res, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     ]
     if hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
-    return transforms.Compose(steps)
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
 
 
-def eval_transform(image_res: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the short side to ``image_res`` and centre-crop: [3, image_res, image_res]."""
-    return transforms.Compose(
+def eval_transform(image_res: int) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """A PIL image or uint8 [3, H, W] -> uint8 [3, image_res, image_res]: the short side resized
+    to ``image_res`` (bicubic), then the centre crop."""
+    return v2.Compose(
         [
-            transforms.Resize(image_res, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_res),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
+            to_uint8_tensor,
+            v2.Resize(image_res, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_res),
         ]
     )

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+# CLIP's image normalisation constants (RGB, for pixels in [0, 1]), as in the original code base.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 class PretrainedUnavailableError(RuntimeError):
     """Weights, a config or a tokenizer could not be loaded (typically: offline, not cached)."""
@@ -101,7 +105,8 @@ class CLIPModel(nn.Module):
     """Image and text towers with projections to ``embed_dim``.
 
     ``forward(images, input_ids, attention_mask)`` returns the L2-normalised image and
-    text features, each [b, embed_dim].
+    text features, each [b, embed_dim]. Images arrive as uint8 [b, 3, H, W] (0-255) and are
+    normalised here, on the model's device, with CLIP's mean and std.
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int) -> None:
@@ -114,10 +119,15 @@ class CLIPModel(nn.Module):
         self.text_encoder = text_encoder
         self.vision_proj = nn.Linear(image_encoder.num_features, embed_dim)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, embed_dim)
+        # x / 255 - mean) / std as one multiply-add; not saved (constants)
+        std = torch.tensor(STD).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("pixel_shift", -torch.tensor(MEAN).view(1, 3, 1, 1) / std, persistent=False)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [b,3,H,W] -> [b, embed_dim], unit norm."""
-        return F.normalize(self.vision_proj(self.visual(images)), dim=-1)
+        """images uint8 [b,3,H,W] -> [b, embed_dim], unit norm."""
+        pixels = torch.addcmul(self.pixel_shift, images.float(), self.pixel_scale)
+        return F.normalize(self.vision_proj(self.visual(pixels)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """token ids and mask [b, L] -> [b, embed_dim], unit norm; the first ([CLS]) token represents the text."""
