@@ -1,9 +1,11 @@
-"""P2 (TARGETS.md): retrieval metrics at MSCOCO 5k test size, vectorised vs per-query argsort.
+"""P2 (TARGETS.md): retrieval metrics at MSCOCO 5k test size against one score product, and
+against a per-query argsort loop.
 
-Both methods start from the same embeddings (5,000 images x 25,010 captions, d=256) and include the
-score matrix product. The baseline is written the way the original code base computes recall: one
-argsort per query in a Python loop on the CPU (numpy), then the position of the positives in the
-sorted order. The two must give identical metrics.
+All start from the same embeddings (5,000 images x 25,010 captions, d=256). The floor is one
+``image_emb @ text_emb.T``, which every method has to compute (target: the metrics within 1.3x of
+it on a CPU). The loop is written the way the original code base computes recall: the score
+matrix, then one argsort per query in a Python loop (numpy) and the position of the positives in
+the sorted order (target on a GPU: at least 50x faster). The metrics must be identical.
 
     python bench/bench_retrieval.py            # full size, writes bench/results/retrieval.{json,md}
     python bench/bench_retrieval.py --quick    # 1,000 x 5,002, prints only
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bimodal_exps"))
 from evaluation.retrieval import recall_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,8 +99,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 images x 5,002 captions; print only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--chunk_size", type=int, default=1024, help="query rows per score block")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest counts")
+    parser.add_argument("--block", type=int, nargs=2, help="images x captions per score block (default: the code's)")
+    parser.add_argument("--repeats", type=int, default=9, help="paired runs of recall_metrics and the product")
     parser.add_argument("--noise", type=float, default=5.0, help="norm of the caption noise (images have norm 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
@@ -106,12 +112,19 @@ def main() -> None:
     image_emb, text_emb, txt2img = make_embeddings(n_images, args.dim, args.noise, args.seed)
     image_emb, text_emb, txt2img = image_emb.to(device), text_emb.to(device), txt2img.to(device)
 
-    fast_s, fast = best_time(
-        lambda: recall_metrics(image_emb, text_emb, txt2img, chunk_size=args.chunk_size), args.repeats, device
-    )
-    base_s, base = best_time(lambda: baseline_recall(image_emb, text_emb, txt2img), args.repeats, device)
-    # The one score product both methods need at least: a floor on what vectorising can reach.
-    product_s, _ = best_time(lambda: image_emb @ text_emb.T, args.repeats, device)
+    def recall():
+        return recall_metrics(image_emb, text_emb, txt2img, block_size=args.block and tuple(args.block))
+
+    fast = recall()
+    base_s, base = best_time(lambda: baseline_recall(image_emb, text_emb, txt2img), max(1, args.repeats // 3), device)
+    # The one score product every method needs: paired with recall_metrics, repeat by repeat,
+    # since the machine's speed drifts; the median of the per-repeat ratios is the figure.
+    ratios, fast_times, product_times = [], [], []
+    for _ in range(args.repeats):
+        product_times.append(best_time(lambda: image_emb @ text_emb.T, 1, device)[0])
+        fast_times.append(best_time(recall, 1, device)[0])
+        ratios.append(fast_times[-1] / product_times[-1])
+    fast_s, product_s = statistics.median(fast_times), statistics.median(product_times)
     identical = fast == base
     result = {
         "images": n_images,
@@ -119,12 +132,15 @@ def main() -> None:
         "dim": args.dim,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
-        "chunk_size": args.chunk_size,
+        "cpu": machine()["cpu"],
+        "block": args.block,
         "repeats": args.repeats,
         "baseline_s": round(base_s, 4),
         "vectorised_s": round(fast_s, 4),
         "score_product_s": round(product_s, 4),
         "speedup": round(base_s / fast_s, 1),
+        "vs_score_product": round(statistics.median(ratios), 2),
+        "vs_score_product_range": [round(min(ratios), 2), round(max(ratios), 2)],
         "metrics_identical": identical,
         "metrics": fast,
         "torch": torch.__version__,
@@ -136,7 +152,10 @@ def main() -> None:
     print(f"{'per-query argsort (numpy)':<28} {base_s:>9.3f}")
     print(f"{'vectorised recall_metrics':<28} {fast_s:>9.3f}")
     print(f"{'score product alone':<28} {product_s:>9.3f}")
-    print(f"speed-up {base_s / fast_s:.1f}x, metrics identical: {identical}")
+    print(
+        f"speed-up {base_s / fast_s:.1f}x, {result['vs_score_product']:.2f}x one score product "
+        f"{result['vs_score_product_range']}, metrics identical: {identical}"
+    )
     print("  ".join(f"{k}={v:.2f}" for k, v in fast.items()))
     if not identical:
         print("baseline metrics:", base)
@@ -154,22 +173,24 @@ def write_results(result: dict, device_type: str) -> None:
     lines = [
         "# P2: retrieval metrics, MSCOCO 5k test size (`bench/bench_retrieval.py`)",
         "",
-        "| device | images x captions | d | argsort loop (s) | vectorised (s) | speed-up | same metrics "
-        "| one score product (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| device | images x captions | d | one score product (s) | recall_metrics (s) | x score product "
+        "| argsort loop (s) | speed-up over the loop | same metrics |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs.values():
-        device = f"{r['device']} ({r['cpu_threads']} threads)" if r["device"] == "cpu" else r["device"]
+        device = f"{r['cpu']} ({r['cpu_threads']} threads)" if r["device"] == "cpu" else r["device"]
         lines.append(
-            f"| {device} | {r['images']} x {r['captions']} | {r['dim']} | {r['baseline_s']:.3f} | "
-            f"{r['vectorised_s']:.3f} | {r['speedup']}x | {r['metrics_identical']} | "
-            f"{r['score_product_s']:.3f} |"
+            f"| {device} | {r['images']} x {r['captions']} | {r['dim']} | {r['score_product_s']:.3f} | "
+            f"{r['vectorised_s']:.3f} | {r['vs_score_product']:.2f}x [{r['vs_score_product_range'][0]:.2f}-"
+            f"{r['vs_score_product_range'][1]:.2f}] | {r['baseline_s']:.3f} | {r['speedup']}x | "
+            f"{r['metrics_identical']} |"
         )
     lines += [
         "",
-        "Both methods include the score product. The last column, one float32 `image_emb @ text_emb.T`,",
-        "is the floor for any method that looks at every score: the speed-up cannot exceed",
-        "argsort loop / one score product on that device.",
+        "Median times; x score product is the median [min-max] of the per-repeat ratio (the two alternate).",
+        "The loop's time is the fastest of its runs. Targets: at most 1.3x one score product on a CPU; at least",
+        "50x faster than the loop on a GPU (on a CPU the loop costs only a few score products, so no method",
+        "can be 50x faster there).",
     ]
     (RESULTS / "retrieval.md").write_text("\n".join(lines) + "\n")
 

@@ -121,31 +121,31 @@ def assert_same_metrics(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 1000])
+@pytest.mark.parametrize("block_size", [(1, 1), (7, 3), (16, 64), (1000, 1000)])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_recall_matches_brute_force_on_random_embeddings(device, chunk_size, shuffle):
-    gen = torch.Generator().manual_seed(chunk_size + 100 * shuffle)
+def test_recall_matches_brute_force_on_random_embeddings(device, block_size, shuffle):
+    gen = torch.Generator().manual_seed(block_size[0] + 100 * shuffle)
     txt2img = random_txt2img(37, gen, shuffle)
     # A shared component makes scores correlated, so recalls land strictly between 0 and 100.
     image_emb = F.normalize(torch.randn(37, 16, generator=gen), dim=1)
     text_emb = F.normalize(image_emb[txt2img] + 0.9 * torch.randn(len(txt2img), 16, generator=gen), dim=1)
     want = brute_force_recall(image_emb, text_emb, txt2img.tolist())
-    got = recall_metrics(image_emb.to(device), text_emb.to(device), txt2img.to(device), chunk_size=chunk_size)
+    got = recall_metrics(image_emb.to(device), text_emb.to(device), txt2img.to(device), block_size=block_size)
     assert_same_metrics(got, want)
     assert 0 < want["txt_r1"] < 100 and 0 < want["img_r10"] < 100
 
 
-@pytest.mark.parametrize("chunk_size", [3, 10, 64])
-def test_recall_matches_brute_force_with_ties(chunk_size):
+@pytest.mark.parametrize("block_size", [(3, 5), (10, 2), (64, 64)])
+def test_recall_matches_brute_force_with_ties(block_size):
     # Entries of +-1/4 in 16 dimensions: unit vectors whose scores are exact multiples of 1/16 in any
     # summation order, drawn from a small pool so that duplicate embeddings and ties abound.
-    gen = torch.Generator().manual_seed(chunk_size)
+    gen = torch.Generator().manual_seed(block_size[0])
     pool = (torch.randint(0, 2, (6, 16), generator=gen) * 2 - 1) / 4
     image_emb = pool[torch.randint(0, 6, (29,), generator=gen)]
     txt2img = random_txt2img(29, gen, shuffle=True)
     text_emb = pool[torch.randint(0, 6, (len(txt2img),), generator=gen)]
     want = brute_force_recall(image_emb, text_emb, txt2img.tolist())
-    assert_same_metrics(recall_metrics(image_emb, text_emb, txt2img, chunk_size=chunk_size), want)
+    assert_same_metrics(recall_metrics(image_emb, text_emb, txt2img, block_size=block_size), want)
 
 
 def test_ties_do_not_push_a_positive_down():
@@ -160,7 +160,7 @@ def test_perfect_embeddings_score_100():
     gen = torch.Generator().manual_seed(0)
     image_emb = F.normalize(torch.randn(23, 32, generator=gen), dim=1)
     txt2img = random_txt2img(23, gen, shuffle=True)
-    metrics = recall_metrics(image_emb, image_emb[txt2img], txt2img, chunk_size=5)
+    metrics = recall_metrics(image_emb, image_emb[txt2img], txt2img, block_size=(5, 5))
     assert all(value == 100.0 for value in metrics.values())
 
 

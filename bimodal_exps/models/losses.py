@@ -287,18 +287,17 @@ class CLIPLoss(ContrastiveLoss):
 
 @dataclass
 class _AnchorTerms:
-    """What the GCL core computes for b anchors of one direction.
+    """What the GCL core computes for b anchors of one direction, all [b].
 
-    terms [b]: the surrogate ``1/(B-1) sum_{j != i} w_ij h_ij``; its gradient is the GCL
-    gradient (the weights are constants). log_g [b]: log of the batch estimate g_i.
-    log_u [b]: the updated estimate. weights [b, B]: w_ij = exp(h_ij / tau_i) / u_i, 0 at
-    the positive.
+    terms: the surrogate ``1/(B-1) sum_{j != i} w_ij h_ij`` (its gradient is the GCL gradient,
+    the weights being constants); log_g: log of the batch estimate g_i; log_u: the updated
+    estimate; entropy: ``1/(B-1) sum_{j != i} w_ij log w_ij``, with w_ij = exp(h_ij / tau_i) / u_i.
     """
 
     terms: torch.Tensor
     log_g: torch.Tensor
     log_u: torch.Tensor
-    weights: torch.Tensor
+    entropy: torch.Tensor
 
     def tau_gradient(self, rho: float) -> torch.Tensor:
         """G_i = log u_i + rho - 1/(B-1) sum_j w_ij h_ij / tau_i (ALGORITHMS.md 3), [b].
@@ -307,39 +306,93 @@ class _AnchorTerms:
         (substituting h/tau = log w + log u): the direct form subtracts two numbers of
         size ~1/tau and loses float32 precision at small tau.
         """
-        n_neg = self.weights.shape[1] - 1
-        entropy_term = torch.special.xlogy(self.weights, self.weights).sum(1) / n_neg
-        return rho - self.log_u * torch.expm1(self.log_g - self.log_u) - entropy_term
+        return rho - self.log_u * torch.expm1(self.log_g - self.log_u) - self.entropy
 
 
+# Anchors processed at once: a block of about 1 MB (2**18 floats) stays in the CPU's L2 cache
+# (or a GPU's) through the ten passes of the core, where passes over whole B x B matrices would
+# stream through main memory; only the similarity matrix and its gradient are ever B x B.
+_BLOCK_FLOATS = 1 << 18
+# Smaller weights and gradient entries are set to 0: they change no sum in float32 (1e-30 of the
+# largest term), and as subnormal numbers they would slow every multiplication they enter (on x86
+# CPUs by 10-100x, which made the backward's matrix products four times slower).
+_NEGLIGIBLE = 1e-30
+
+
+@torch.no_grad()
 def _gcl_anchor_terms(
     sim: torch.Tensor,
+    dim: int,
     pos: torch.Tensor,
     tau: torch.Tensor,
     log_u: torch.Tensor,
     seen: torch.Tensor,
     gamma: float,
+    grad: torch.Tensor,
+    scale: float,
+    accumulate: bool,
 ) -> _AnchorTerms:
-    """The SogCLR core for one direction (ALGORITHMS.md 2), for b local anchors.
+    """The SogCLR core for one direction (ALGORITHMS.md 2), for b anchors of ``sim``.
 
-    sim [b, B] (anchor rows vs all candidates), pos [b] (column of the positive),
-    tau [b] (temperature of each anchor), log_u [b] and seen [b] (state before the step).
+    The anchors are the rows of ``sim`` (``dim=1``: [b, B], each anchor against its B candidates
+    along dim 1) or its columns (``dim=0``: [B, b]). pos [b]: where each anchor's positive sits
+    along ``dim``; tau, log_u, seen [b]: the anchor's temperature and state before the step.
+    Writes ``scale * d(sum of terms)/d sim`` into ``grad`` (sim's shape; added to it when
+    ``accumulate``): ``scale * w_ij`` for a negative and ``-scale * sum_j w_ij`` at the positive.
+
+    Per block of anchors: with m the largest logit l_ij = h_ij / tau_i and e_ij = exp(l_ij - m),
+    g = sum e * exp(m) / (B-1), w = e * exp(m - log u), so one exponential serves g, the weights,
+    their sum, the entropy term and the surrogate's value.
     """
-    n_neg = sim.shape[1] - 1
-    positive = sim.gather(1, pos[:, None])  # [b, 1]
-    with torch.no_grad():
-        logits = (sim - positive).div_(tau[:, None])  # h_ij / tau_i
-        logits.scatter_(1, pos[:, None], -math.inf)  # the positive is no negative
-        log_g = torch.logsumexp(logits, dim=1) - math.log(n_neg)
+    n_anchors, n_neg = sim.shape[1 - dim], sim.shape[dim] - 1
+    step = max(1, _BLOCK_FLOATS // sim.shape[dim])
+    parts = []
+    for a0 in range(0, n_anchors, step):
+        a1 = min(a0 + step, n_anchors)
+        anchors = slice(a0, a1)
+        index = (slice(None), anchors) if dim == 0 else (anchors, slice(None))
+        p = pos[anchors].unsqueeze(dim)  # [c, 1] or [1, c]
+        logits = sim[index].clone()
+        logits.sub_(logits.gather(dim, p)).div_(tau[anchors].unsqueeze(dim))  # h_ij / tau_i
+        logits.scatter_(dim, p, -math.inf)  # the positive is no negative
+        top = logits.amax(dim, keepdim=True)
+        e = F.threshold_(torch.exp(logits - top), _NEGLIGIBLE, 0.0)
+        log_g = torch.log(e.sum(dim)) + top.squeeze(dim) - math.log(n_neg)
         if gamma >= 1.0:
             log_u_new = log_g
         else:
-            moving = torch.logaddexp(log_u + math.log1p(-gamma), log_g + math.log(gamma))
-            log_u_new = torch.where(seen, moving, log_g)
-        weights = logits.sub_(log_u_new[:, None]).exp_()
-    # w is a constant here: the gradient of sum_j w_ij h_ij is w_ij on s_ij and -sum_j w_ij on s_ii
-    terms = (weights * (sim - positive)).sum(1) / n_neg
-    return _AnchorTerms(terms, log_g, log_u_new, weights)
+            moving = torch.logaddexp(log_u[anchors] + math.log1p(-gamma), log_g + math.log(gamma))
+            log_u_new = torch.where(seen[anchors], moving, log_g)
+        to_w = torch.exp(top.squeeze(dim) - log_u_new)  # w = e * to_w
+        logits.scatter_(dim, p, 0.0)  # e is 0 there: no -inf * 0 in the sums below
+        sum_wl = (e * logits).sum(dim) * to_w  # sum_j w_ij l_ij
+        sum_w = e.sum(dim) * to_w
+        entropy = (sum_wl - log_u_new * sum_w) / n_neg  # sum_j w log w = sum_j w (l - log u)
+        terms = tau[anchors] * sum_wl / n_neg  # sum_j w h / (B-1) with h = tau * l
+        F.threshold_(e.mul_((to_w * scale).unsqueeze(dim)), _NEGLIGIBLE, 0.0)
+        e.scatter_(dim, p, (-scale * sum_w).unsqueeze(dim).to(e.dtype))
+        if accumulate:
+            grad[index].add_(e)
+        else:
+            grad[index].copy_(e)
+        parts.append((terms, log_g, log_u_new, entropy))
+    return _AnchorTerms(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
+class _Surrogate(torch.autograd.Function):
+    """The GCL surrogate's value, whose gradient with respect to the similarity matrices was
+    computed alongside it (``_gcl_anchor_terms``): the backward only scales those by the
+    incoming gradient, and the similarity products' own backward takes it to the features."""
+
+    @staticmethod
+    def forward(ctx, value, sim_img, grad_img, sim_txt=None, grad_txt=None):
+        ctx.save_for_backward(grad_img, grad_txt)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        grad_img, grad_txt = ctx.saved_tensors
+        return None, grad_img * grad_value, None, None if grad_txt is None else grad_txt * grad_value, None
 
 
 def gamma_at(epoch: int, gamma: float, schedule: str, decay_epochs: int) -> float:
@@ -394,25 +447,35 @@ class GCLLoss(ContrastiveLoss):
         _check_shapes(image_feat, text_feat, image_idx, text_idx)
         batch = _gather_similarities(image_feat, text_feat)
         gamma = self.gamma_t
-        loss = image_feat.new_zeros((), dtype=torch.float32)
+        b = image_feat.shape[0]
+        scale = 1.0 / ((batch.sim_img.shape[1] - 1) * b)  # d(mean_i of terms)/d(sum_j w_ij h_ij)
+        # one process: the text anchors are the columns of the one similarity matrix, and one
+        # gradient matrix holds both directions; several: each direction has its own rows
+        one_matrix = parallel.world_size() == 1
+        sim_txt = batch.sim_img if one_matrix else batch.sim_txt
+        grad_img = torch.empty_like(batch.sim_img)
+        grad_txt = grad_img if one_matrix else torch.empty_like(sim_txt)
         new_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         stats: dict[str, torch.Tensor | float] = dict(self._schedule_stats())
-        for side, sim, idx in (("I", batch.sim_img, image_idx), ("T", batch.sim_txt, text_idx)):
+        value = image_feat.new_zeros((), dtype=torch.float32)
+        directions = (
+            ("I", batch.sim_img, 1, grad_img, image_idx, False),
+            ("T", sim_txt, 0 if one_matrix else 1, grad_txt, text_idx, one_matrix),
+        )
+        for side, sim, dim, grad, idx, accumulate in directions:
             tau = self._anchor_tau(side, idx)
-            anchors = _gcl_anchor_terms(
-                sim,
-                batch.pos,
-                tau,
-                getattr(self, f"log_u_{side}")[idx],
-                getattr(self, f"seen_{side}")[idx],
-                gamma,
-            )
-            loss = loss + anchors.terms.mean()
+            log_u, seen = getattr(self, f"log_u_{side}")[idx], getattr(self, f"seen_{side}")[idx]
+            anchors = _gcl_anchor_terms(sim.detach(), dim, batch.pos, tau, log_u, seen, gamma, grad, scale, accumulate)
+            value = value + anchors.terms.mean()
             new_state[f"log_u_{side}"] = (idx, anchors.log_u)
             new_state[f"seen_{side}"] = (idx, torch.ones_like(anchors.log_u))
             new_state.update(self._update_tau(side, idx, tau, anchors, stats))
             stats[f"tau_{side}"] = tau.mean()
             stats[f"gcl_{side}"] = (tau * anchors.log_u).mean()  # tau * log(global mean of exp(h/tau))
+        if one_matrix:
+            loss = _Surrogate.apply(value, batch.sim_img, grad_img)
+        else:
+            loss = _Surrogate.apply(value, batch.sim_img, grad_img, batch.sim_txt, grad_txt)
         return LossOutput(loss, stats, self._state_update(new_state, image_feat.device))
 
 
