@@ -131,8 +131,18 @@ class CLIPModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """token ids and mask [b, L] -> [b, embed_dim], unit norm; the first ([CLS]) token represents the text."""
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = self._attention_mask_4d(attention_mask)
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def _attention_mask_4d(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[b, L] of 0/1 -> [b, 1, 1, L], the form Hugging Face models take as it is: given a 2D
+        mask they first ask whether it masks anything (``mask.all()``), a device sync every step.
+        SDPA attention takes booleans (True: attend), eager attention an additive bias."""
+        keep = attention_mask[:, None, None, :].bool()
+        if self.text_encoder.config._attn_implementation == "eager":
+            return torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, torch.finfo(torch.float32).min)
+        return keep
 
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
