@@ -156,6 +156,9 @@ def train(cfg: Namespace, model, tokenizer, suite, start, device, run_log, stop)
 def run(cfg: Namespace) -> int:
     stop = StopRequest()  # before any loader forks workers
     device = parallel.init_distributed(cfg.distributed, cfg.device)
+    if device.type == "cuda":  # the losses keep full float32 for their own products
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.benchmark = True
     is_main = parallel.is_main_process()
     try:
         if is_main:
@@ -200,7 +203,9 @@ def run(cfg: Namespace) -> int:
         )
         if cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(device)
+        model = model.to(device).configure(
+            channels_last=cfg.channels_last, grad_checkpointing=cfg.grad_checkpointing, compile=cfg.torch_compile
+        )
         seed_everything(cfg.seed + parallel.rank())  # independent randomness per rank from here on
         suite = build_eval_suite(cfg, tokenizer, device, run_log)
         if cfg.evaluate:

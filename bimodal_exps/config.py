@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="BatchNorm statistics over all ranks (torch's SyncBatchNorm; CUDA only)",
     )
 
+    g = p.add_argument_group("speed", "TF32 matrix products (outside the losses) and cuDNN autotuning are on on CUDA")
+    g.add_argument("--channels_last", action="store_true", help="images and image encoder in channels-last layout")
+    g.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute the encoders' activations in the backward instead of storing them (less memory)",
+    )
+    g.add_argument("--torch_compile", action="store_true", help="compile the two encoders with torch.compile")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", default="adamw", type=str.lower, choices=["adamw"], help="optimiser (AdamW)")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")

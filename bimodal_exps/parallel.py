@@ -49,8 +49,8 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
 class _AllGatherSumGrad(torch.autograd.Function):
     """Concatenate ``x`` [b, ...] from every rank along dim 0 -> [W*b, ...].
 
-    Backward sums the incoming gradient over ranks and returns this rank's slice, so
-    the gradient that reaches ``x`` is d(sum over ranks of their losses)/dx.
+    Backward sums the incoming gradient over ranks and returns this rank's slice (one
+    reduce-scatter), so the gradient that reaches ``x`` is d(sum over ranks of their losses)/dx.
     """
 
     @staticmethod
@@ -62,9 +62,9 @@ class _AllGatherSumGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+        mine = grad.new_empty((ctx.batch, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return mine
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -123,11 +123,29 @@ class CLIPModel(nn.Module):
         std = torch.tensor(STD).view(1, 3, 1, 1)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -torch.tensor(MEAN).view(1, 3, 1, 1) / std, persistent=False)
+        self.channels_last = False
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images uint8 [b,3,H,W] -> [b, embed_dim], unit norm."""
         pixels = torch.addcmul(self.pixel_shift, images.float(), self.pixel_scale)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.vision_proj(self.visual(pixels)), dim=-1)
+
+    def configure(self, *, channels_last: bool, grad_checkpointing: bool, compile: bool) -> CLIPModel:
+        """Speed and memory options: the image encoder in channels-last layout (``--channels_last``;
+        faster convolutions on GPUs), activations recomputed in the backward (timm's and Hugging
+        Face's gradient checkpointing), the encoders compiled (torch.compile). Returns the model."""
+        self.channels_last = channels_last
+        if channels_last:
+            self.visual.to(memory_format=torch.channels_last)
+        if grad_checkpointing:
+            self.visual.set_grad_checkpointing(True)
+            self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:  # in place: the parameters keep their names, so checkpoints are the same
+            self.visual.compile()
+            self.text_encoder.compile()
+        return self
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """token ids and mask [b, L] -> [b, embed_dim], unit norm; the first ([CLS]) token represents the text."""
