@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, ratio_summary, seconds, write_results
 from data.batching import Skips
 from data.shards import decode_sample, read_shard
-from data.transforms import train_transform
+from data.transforms import TrainAugment
 from models.model_clip import MEAN, STD
 
 RES, SCALE = 224, (0.5, 1.0)
@@ -78,7 +78,7 @@ def main() -> None:
             transforms.Normalize(MEAN, STD),
         ]
     )
-    ours_transform = train_transform(RES, SCALE, hflip=True)
+    ours_transform = TrainAugment(RES, SCALE, hflip=True)
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(Path(tmp), args.samples)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data.batching import Skips
 from data.loaders import build_train_data
-from data.shards import count_samples, expand_shards
+from data.shards import count_samples, expand_shards, read_shard
 from data.transforms import pre_caption
 from shard_factory import (
     caption_of,
@@ -358,3 +361,45 @@ def test_json_and_webp_members_are_tolerated(tmp_path, tokenizer):
     assert sorted(indices(batches)) == [8, 17, 40]
     seventeen = next(b for b in batches if int(b["image_idx"][0]) == 17)
     assert nearest_colour(seventeen["image"][0].numpy()) == "blue"
+
+
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"]
+)
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "tar.gz"])
+def test_tar_reader_reads_what_tarfile_writes(tmp_path, fmt, compress):
+    """The project's tar reader against tarfile itself: long names (a prefix field, GNU or pax
+    records), a directory entry, empty and multi-block members, gzip."""
+    from data.shards import tar_members
+
+    files = {
+        "000000001.jpg": jpeg_bytes("red"),
+        "000000001.txt": b"",
+        "sub/000000002.txt": b"x" * 1025,
+        ("d" * 60 + "/" + "e" * 70 + "/000000003.txt"): "caf\u00e9".encode(),
+    }
+    path = tmp_path / ("a.tar.gz" if compress else "a.tar")
+    with tarfile.open(path, "w:gz" if compress else "w", format=fmt) as tar:
+        info = tarfile.TarInfo("sub")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if compress else raw
+        got = {name: read() for name, read in tar_members(stream)}
+    assert got == files
+    samples = list(read_shard(str(path), 10, Skips()))
+    assert [s.index for s in samples] == [1, 2, 3] and samples[0].members["jpg"] == files["000000001.jpg"]
+
+
+def test_a_huge_jpeg_is_refused_from_its_header():
+    """A JPEG announcing 10000 x 10000 pixels in its frame header is skipped before any decoding."""
+    from data.batching import BadSampleError, load_rgb
+
+    frame = b"\xff\xc0\x00\x11\x08" + (10000).to_bytes(2, "big") * 2 + b"\x03" + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    data = b"\xff\xd8" + b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + frame
+    with pytest.raises(BadSampleError, match="huge_image: 10000x10000 pixels"):
+        load_rgb(data)

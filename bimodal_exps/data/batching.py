@@ -1,24 +1,26 @@
 """From one decoded sample to a training batch, shared by the shard and caption-JSON readers.
 
 A reader turns each of its samples into a :class:`Pair` (decoding with :func:`load_rgb`,
-augmenting with :func:`augment_seeded`) and hands lists of pairs to a
+augmenting with :func:`augment`) and hands lists of pairs to a
 :class:`TokenizingCollator`, which runs in the loader workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import random
+import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
-from data.transforms import pre_caption, to_uint8_tensor
+from data.transforms import TrainAugment, pre_caption, to_uint8_tensor
 
 try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec; PIL decodes when they go
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -91,13 +93,22 @@ def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) ->
     pixels (nothing is decoded then) and ``BadSampleError("bad_image")`` when the data is not a
     decodable image (unknown format, truncated, corrupt). JPEGs are decoded by libjpeg-turbo
     through torchvision straight into a tensor (0.5 ms for 256 px; PIL takes 0.8 ms including the
-    copy of its pixel buffer into a tensor); other formats by PIL.
+    copy of its pixel buffer into a tensor), their size read from the frame header first; other
+    formats by PIL.
     """
     if not isinstance(source, bytes):
         try:
             with open(source, "rb") as f:
                 source = f.read()
         except OSError as error:
+            raise BadSampleError("bad_image", _describe(error)) from error
+    size = _jpeg_size(source) if decode_jpeg is not None else None
+    if size is not None:
+        if size[0] * size[1] > max_pixels:
+            raise BadSampleError("huge_image", f"{size[0]}x{size[1]} pixels")
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except Exception as error:
             raise BadSampleError("bad_image", _describe(error)) from error
     try:
         image = Image.open(io.BytesIO(source))  # reads the header only
@@ -110,11 +121,30 @@ def load_rgb(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) ->
         if width * height > max_pixels:
             raise BadSampleError("huge_image", f"{width}x{height} pixels")
         try:
-            if image.format == "JPEG" and decode_jpeg is not None:
-                return decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return to_uint8_tensor(image)
         except Exception as error:
             raise BadSampleError("bad_image", _describe(error)) from error
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read by skipping the segments before it (a
+    few microseconds, where PIL parses every segment); None when ``data`` is no readable JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def _describe(error: Exception) -> str:
@@ -124,25 +154,15 @@ def _describe(error: Exception) -> str:
 
 
 def derive_seed(*parts: int) -> int:
-    """A 64-bit seed mixed from non-negative integers (seed, epoch, rank, ...)."""
-    return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0])
+    """A 64-bit seed mixed from non-negative integers (seed, epoch, rank, ...): a hash, the same
+    on every machine and Python version."""
+    return int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(parts)}Q", *parts), digest_size=8).digest(), "little")
 
 
-def augment_seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int) -> torch.Tensor:
-    """Apply a torchvision transform with its random draws fixed by ``seed``.
-
-    torchvision draws from torch's default CPU generator. Its state is restored afterwards so
-    the caller's random stream is untouched (this also runs in the main process when
-    ``workers=0``), and each sample's augmentation is independent of the samples before it.
-    """
-    # torch.manual_seed would also reseed every accelerator, which costs ~0.2 ms per call.
-    generator = torch.default_generator
-    saved = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        return transform(image)
-    finally:
-        generator.set_state(saved)
+def augment(transform: TrainAugment, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform`` with its random draws from a generator seeded by ``seed``: each sample's
+    augmentation is a function of its seed alone, whatever was drawn before it."""
+    return transform(image, random.Random(seed))
 
 
 def clean_caption(text: str, max_words: int) -> str:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 
 import numpy as np
-import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from data.batching import BadSampleError, Pair, Skips, augment_seeded, clean_caption, derive_seed, load_rgb
+from data.batching import BadSampleError, Pair, Skips, augment, clean_caption, derive_seed, load_rgb
+from data.transforms import TrainAugment
 
 # A row whose image cannot be used is replaced by the next rows, at most this many.
 MAX_REPLACEMENTS = 64
@@ -72,7 +71,7 @@ class CaptionJsonDataset(Dataset):
         image_root: str,
         *,
         data_size: int,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: TrainAugment,
         max_words: int,
         seed: int,
     ):
@@ -123,7 +122,7 @@ class CaptionJsonDataset(Dataset):
                 continue
             # The requested row is part of the seed so that a replacement never repeats the
             # augmentation of the row it duplicates.
-            image = augment_seeded(self.transform, image, derive_seed(self.seed, self.epoch, row, used))
+            image = augment(self.transform, image, derive_seed(self.seed, self.epoch, row, used))
             return Pair(image, caption, int(self.image_idx[used]), used, skipped)
         raise RuntimeError(
             f"rows {row}..{used} of {self.ann_file} have no usable image under {self.image_root} "

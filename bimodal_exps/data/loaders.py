@@ -18,7 +18,7 @@ from data.shards import (
     read_shard,
     shard_sizes,
 )
-from data.transforms import train_transform
+from data.transforms import TrainAugment
 from data.workers import DataLoader
 
 # Raw samples read before giving up on finding one usable sample at start-up.
@@ -165,7 +165,7 @@ def build_train_data(
         max_words=max_words,
         shuffle_buffer=shuffle_buffer,
     )
-    transform = train_transform(image_res, crop_scale, hflip)
+    transform = TrainAugment(image_res, crop_scale, hflip)
     collate = TokenizingCollator(tokenizer, max_words)
     # Worker seeds come from a generator of our own, so iterating leaves torch's global RNG alone.
     loader_options = dict(

@@ -15,6 +15,7 @@ shard; they never stop the run.
 from __future__ import annotations
 
 import glob
+import gzip
 import itertools
 import json
 import logging
@@ -26,23 +27,23 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from itertools import islice
+from typing import BinaryIO
 
 import braceexpand
 import numpy as np
 import pyarrow.parquet as pq
-import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.batching import (
     BadSampleError,
     Pair,
     Skips,
-    augment_seeded,
+    augment,
     clean_caption,
     derive_seed,
     load_rgb,
 )
+from data.transforms import TrainAugment
 
 logger = logging.getLogger("data.shards")
 
@@ -152,8 +153,88 @@ def sample_index(key: str, shard: str, data_size: int) -> int:
     return index
 
 
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files (7: contiguous)
+
+
+def _octal(field: bytes) -> int:
+    """A tar number: octal digits, or base-256 (GNU) when the top bit of the first byte is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def tar_members(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read) for every regular file of a tar stream, in order; ``read()`` returns the
+    file's data (a member not read is skipped). Handles ustar, GNU (long names) and pax (``path``
+    records) archives, as tarfile and webdataset write them.
+
+    A plain reader of 512-byte headers, fifteen times faster than tarfile's (which parses every
+    field of every header in Python): 6 us per sample instead of 100. The name comes before the
+    data, so a reader sees where a member starts even if its data then turns out truncated.
+    Raises tarfile.ReadError on a header whose checksum is wrong (not a tar) and on data that
+    ends inside a member.
+    """
+    name_override = None
+    while True:
+        header = stream.read(_BLOCK)
+        if not header.strip(b"\0"):
+            return  # the end-of-archive blocks (or a tar that ends without them)
+        if len(header) < _BLOCK or not _checksum_ok(header):
+            raise tarfile.ReadError("unexpected end of data" if len(header) < _BLOCK else "invalid header")
+        size, kind = _octal(header[124:136]), header[156:157]
+        padded = size + (-size % _BLOCK)
+        if kind in _FILE_TYPES:
+            prefix, name = header[345:500].split(b"\0", 1)[0], header[:100].split(b"\0", 1)[0]
+            path = name_override or (prefix + b"/" + name if prefix else name).decode("utf-8")
+            name_override, unread = None, [padded]
+
+            def read(size=size, unread=unread) -> bytes:
+                data = _read_exactly(stream, size)
+                stream.read(unread[0] - size)
+                unread[0] = 0
+                return data
+
+            yield path, read
+            if unread[0]:
+                _read_exactly(stream, unread[0])
+            continue
+        data = _read_exactly(stream, padded)[:size]
+        if kind == b"L":  # GNU long name of the next member
+            name_override = data.rstrip(b"\0").decode("utf-8")
+        elif kind == b"x":  # pax extended header of the next member: "<len> key=value\n" records
+            for record in data.decode("utf-8").splitlines():
+                key, _, value = record.partition(" ")[2].partition("=")
+                if key == "path":
+                    name_override = value
+        elif kind != b"g":  # a directory, link or device: no sample data
+            name_override = None
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The header's checksum field against the sum of its bytes (the field itself counted as
+    spaces); some old tars sum signed bytes."""
+    try:
+        want = _octal(header[148:156])
+        _octal(header[124:136])  # the size field, read next
+    except ValueError:  # no octal numbers: no tar header
+        return False
+    if want == sum(header[:148]) + 256 + sum(header[156:]):
+        return True
+    signed = np.frombuffer(header, dtype=np.int8).astype(np.int64)
+    return want == int(signed[:148].sum() + signed[156:].sum()) + 256
+
+
 def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]:
-    """Stream the samples of one tar in file order.
+    """Stream the samples of one tar (plain or gzip-compressed) in file order.
 
     A shard that cannot be opened or read to the end counts once as ``bad_shard`` in
     ``skipped`` (with a warning); the samples completed before the fault are kept, the one
@@ -162,11 +243,10 @@ def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]
     kept = (*IMAGE_SUFFIXES, "txt")
     key, members = None, {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                dirname, _, name = info.name.rpartition("/")
+        with open(path, "rb") as raw:
+            stream = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
+            for name, read in tar_members(stream):
+                dirname, _, name = name.rpartition("/")
                 stem, dot, suffix = name.partition(".")
                 if not dot:
                     continue
@@ -176,8 +256,8 @@ def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]
                     key, members = (dirname, stem), {}
                 suffix = suffix.lower()
                 if suffix in kept:
-                    members[suffix] = tar.extractfile(info).read()
-    except (OSError, EOFError, tarfile.TarError) as error:
+                    members[suffix] = read()
+    except (OSError, EOFError, UnicodeDecodeError, tarfile.TarError) as error:
         logger.warning("skipping the rest of shard %s: %s: %s", path, type(error).__name__, error)
         skipped.add("bad_shard", path)
         return
@@ -199,7 +279,7 @@ def shuffle_buffered(items: Iterable, size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def decode_sample(raw: RawSample, transform: Callable[[Image.Image], torch.Tensor], max_words: int, seed: int) -> Pair:
+def decode_sample(raw: RawSample, transform: TrainAugment, max_words: int, seed: int) -> Pair:
     """Raw sample -> augmented ``Pair``; raises ``BadSampleError`` naming what is wrong."""
     members = raw.members
     suffix = next((s for s in IMAGE_SUFFIXES if s in members), None)
@@ -212,7 +292,7 @@ def decode_sample(raw: RawSample, transform: Callable[[Image.Image], torch.Tenso
     except UnicodeDecodeError as error:
         raise BadSampleError("bad_caption", f"key {raw.index}: {error}") from error
     caption = clean_caption(text, max_words)
-    image = augment_seeded(transform, load_rgb(members[suffix]), seed)
+    image = augment(transform, load_rgb(members[suffix]), seed)
     return Pair(image, caption, raw.index, raw.index)
 
 
@@ -261,7 +341,7 @@ class ShardStream(IterableDataset):
         shard_sizes: list[int] | None,
         steps_per_epoch: int,
         data_size: int,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: TrainAugment,
         collate: Callable[[list[Pair]], dict],
         max_words: int,
         batch_size: int,
