@@ -37,10 +37,11 @@ HP = {"tau_init": 0.03, "sogclr_gamma": 0.8, "rho_init": 6.0, "eta_init": 0.03, 
 def inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unit features with positives closer than negatives, and indices into N = 2 * batch."""
     gen = torch.Generator().manual_seed(seed)
-    image = F.normalize(torch.randn(batch, DIM, generator=gen), dim=1)
-    text = F.normalize(image + 0.8 * torch.randn(batch, DIM, generator=gen) / DIM**0.5 * 4, dim=1)
-    idx = torch.randperm(2 * batch, generator=gen)[:batch]
-    return image, text, idx
+    image = F.normalize(torch.randn(batch, DIM, generator=gen, device="cpu"), dim=1)
+    text = F.normalize(image + 0.8 * torch.randn(batch, DIM, generator=gen, device="cpu") / DIM**0.5 * 4, dim=1)
+    idx = torch.randperm(2 * batch, generator=gen, device="cpu")[:batch]
+    device = torch.get_default_device()  # --device: the default device of the run
+    return image.to(device), text.to(device), idx.to(device)
 
 
 class OriginalISogCLR:
@@ -134,9 +135,10 @@ def time_steps(batch: int, repeats: int) -> dict:
     for fn in steps.values():  # warm-up (first visits), then revisits are timed
         fn()
     times = {name: [] for name in steps}
+    sync = torch.cuda.synchronize if torch.get_default_device().type == "cuda" else None
     for _ in range(repeats):
         for name, fn in steps.items():
-            times[name].append(seconds(fn))
+            times[name].append(seconds(fn, sync))
     return ratio_summary(times["original"], times["project"])
 
 
@@ -167,7 +169,17 @@ def measure_peak(method: str, batch: int) -> None:
 
 
 def peak_matrices(method: str, batch: int) -> float:
-    """Peak resident memory one step adds, in B x B float32 matrices (a fresh process, Linux)."""
+    """Peak memory one step adds, in B x B float32 matrices: on a GPU its allocator's peak, on a
+    CPU the resident memory of a fresh process (Linux)."""
+    if torch.get_default_device().type == "cuda":
+        one_step(method, batch)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = one_step(method, batch)
+        torch.cuda.synchronize()
+        del grads
+        return (torch.cuda.max_memory_allocated() - before) / (batch * batch * 4)
     code = (
         f"import sys; sys.path.insert(0, 'bench'); import torch; torch.set_num_threads({torch.get_num_threads()}); "
         f"import bench_loss; bench_loss.measure_peak({method!r}, {batch})"
@@ -181,14 +193,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    torch.set_default_device(args.device)
     rows = []
     for batch in args.sizes:
         agreement = check_agreement(min(batch, 2048))
         assert agreement < 1e-3, f"the two methods disagree by {agreement:.2e} at B={batch}"
         repeats = args.repeats if batch < 8192 else max(3, args.repeats // 2)
         timing = time_steps(batch, repeats)
-        torch.set_flush_denormal(True)  # the same comparison with subnormal numbers flushed to 0 for both
+        torch.set_flush_denormal(True)  # the same comparison with subnormal numbers flushed to 0 for both (CPU)
         flushed = time_steps(batch, repeats)
         torch.set_flush_denormal(False)
         memory = {m: peak_matrices(m, batch) for m in ("original", "project")}
@@ -207,8 +221,9 @@ def main() -> None:
     lines = [
         "# P1: isogclr loss step against the materialised original form (`bench/bench_loss.py`)",
         "",
-        f"Machine: {machine_line(result['machine'])}. d = {DIM}, float32, one process; forward, backward and",
-        "state update of the revisit step; median over repeats, spread of the per-repeat ratio in brackets.",
+        f"Machine: {machine_line(result['machine'])}; device {args.device}. d = {DIM}, float32, one process;",
+        "forward, backward and state update of the revisit step; median over repeats, spread of the per-repeat",
+        "ratio in brackets.",
         "",
         "| B | original (ms) | project (ms) | speed-up | speed-up, subnormals flushed | peak extra memory in B x B "
         "matrices: original | project |",
@@ -226,8 +241,8 @@ def main() -> None:
         f"methods agree to {max(r['agreement'] for r in rows):.1e} (relative) in loss, gradients and state.",
     ]
     print("\n".join(lines))
-    if args.sizes == [512, 2048, 8192]:
-        write_results("loss", result, lines)
+    if args.sizes == [512, 2048, 8192] or args.device != "cpu":
+        write_results("loss" if args.device == "cpu" else f"loss_{args.device}", result, lines)
 
 
 if __name__ == "__main__":

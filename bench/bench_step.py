@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import clip
 from common import machine, machine_line, seconds, write_results
-from config import loss_hparams, parse_config
+from config import parse_config
 from data.loaders import build_train_data
 from data.synthetic import ensure_synthetic_dataset
 from engine.optim import build_optimizer
+from engine.run_log import RunLog
+from engine.stop import StopRequest
 from models.losses import build_loss
 from models.model_clip import build_model, load_tokenizer
-from tiny_training import ListData, make_trainer
+from tiny_training import ListData
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,7 @@ def config_args(root: Path, out: Path, steps: int, batch: int, extra: list[str])
         "--output_dir", str(out),
         "--val_coco_file", "", "--test_coco_file", "", "--zs_dataset", "",
         "--epochs", "1", "--train_num_samples", str(steps * batch), "--log_every", "10",
-        "--save_every_steps", "0", "--no-distributed", "--device", "cpu", *extra,
+        "--save_every_steps", "0", "--no-distributed", *extra,
     ]  # fmt: skip
 
 
@@ -69,37 +71,46 @@ def main() -> None:
         )  # fmt: skip
         data.set_epoch(0)
         batch = next(iter(data.loader))
+
+        device = torch.device(cfg.device)
+        amp = clip.AMP_DTYPES[cfg.precision]
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = (batch["image"], batch["input_ids"], batch["attention_mask"])
 
         def fresh_model():
             torch.manual_seed(0)
-            return build_model(cfg.image_encoder, cfg.text_encoder, cfg.embed_dim, False, cfg.image_encoder_kwargs)
+            model = build_model(cfg.image_encoder, cfg.text_encoder, cfg.embed_dim, False, cfg.image_encoder_kwargs)
+            return model.to(device)
 
         def bare_steps() -> list[float]:
             """Encoders + InfoNCE + backward + fused AdamW, in-memory batch: seconds per step."""
             model = fresh_model()
-            loss_fn = build_loss("clip", data_size=cfg.data_size, temp=cfg.temp)
+            loss_fn = build_loss("clip", data_size=cfg.data_size, temp=cfg.temp).to(device)
             optimizer = build_optimizer("adamw", model, loss_fn, cfg.lr, cfg.weight_decay)
+            scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
             def step():
-                image, text = model(*inputs)
-                loss, _ = loss_fn(image, text, batch["image_idx"], batch["text_idx"])
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    image, text = model(*inputs)
+                loss, _ = loss_fn(image.float(), text.float(), batch["image_idx"], batch["text_idx"])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
 
             step()
-            return [seconds(step) for _ in range(args.repeats)]
+            return [seconds(step, sync) for _ in range(args.repeats)]
 
         def trainer_steps() -> list[float]:
             """The Trainer's own step (isogclr, state update, skip logic) on the same batch."""
-            model = fresh_model()
-            loss_fn = build_loss(cfg.ita_type, data_size=cfg.data_size, epochs=1, **loss_hparams(cfg))
-            optimizer = build_optimizer("adamw", model, loss_fn, cfg.lr, cfg.weight_decay)
             (Path(tmp) / "trainer").mkdir(exist_ok=True)
-            trainer = make_trainer(model, loss_fn, optimizer, Path(tmp) / "trainer")
+            trainer = clip.build_trainer(
+                cfg, fresh_model(), 1, device, RunLog(Path(tmp) / "trainer", True), StopRequest()
+            )
+            trainer.log_every = 10**9
             trainer.train_epoch(ListData([batch]))
-            return [seconds(lambda: trainer._step(batch)) for _ in range(args.repeats)]
+            return [seconds(lambda: trainer._step(batch), sync) for _ in range(args.repeats)]
 
         before = bare_steps()
         trainer = trainer_steps()
@@ -133,7 +144,8 @@ def main() -> None:
         "# P4: clip.py's training step against the encoders alone (`bench/bench_step.py`)",
         "",
         f"Machine: {machine_line(result['machine'])}. Model and batch of the synthetic default "
-        f"(`bimodal_exps/configs/synthetic.yaml`: batch {batch_size}, {cfg.workers} loader worker(s)), fp32.",
+        f"(`bimodal_exps/configs/synthetic.yaml`: batch {batch_size}, {cfg.workers} loader worker(s)), "
+        f"{cfg.precision} on {device}.",
         "",
         "| what | s per step | samples/s | x the encoders alone |",
         "|---|---|---|---|",
@@ -149,7 +161,7 @@ def main() -> None:
     ]
     print("\n".join(md))
     if args.steps >= 80:
-        write_results("step", result, md)
+        write_results("step" if device.type == "cpu" else f"step_{device.type}", result, md)
 
 
 if __name__ == "__main__":

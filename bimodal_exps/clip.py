@@ -82,7 +82,9 @@ def build_eval_suite(cfg: Namespace, tokenizer, device: torch.device, run_log: R
 
 
 def build_trainer(cfg: Namespace, model, steps_per_epoch: int, device: torch.device, run_log, stop) -> Trainer:
-    loss_fn = build_loss(cfg.ita_type, data_size=cfg.data_size, epochs=cfg.epochs, **loss_hparams(cfg)).to(device)
+    loss_fn = build_loss(
+        cfg.ita_type, data_size=cfg.data_size, epochs=cfg.epochs, embed_dim=cfg.embed_dim, **loss_hparams(cfg)
+    ).to(device)
     optimizer = build_optimizer(cfg.opt, model, loss_fn, cfg.lr, cfg.weight_decay)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
     return Trainer(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from models.losses import LOSS_ALIASES, LOSSES, loss_hparam_fields
+from models.losses import LOSS_ALIASES, LOSS_PRESETS, LOSSES, loss_hparam_fields
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -247,8 +247,12 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags (and ``--config``), resolve derived values and validate; raises ConfigError."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**load_yaml(first.config, parser))
+    from_yaml = load_yaml(first.config, parser) if first.config else {}
+    parser.set_defaults(**from_yaml)
+    # the defaults a loss name brings (the FastCLIP variants' schedules), below the YAML's and
+    # the command line's values; the saved config then says what ran
+    name = parser.parse_known_args(argv)[0].ita_type
+    parser.set_defaults(**{**LOSS_PRESETS.get(name, {}), **from_yaml})
     cfg = parser.parse_args(argv)
     resolve(cfg)
     validate(cfg)

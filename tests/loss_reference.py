@@ -1,4 +1,4 @@
-"""Naive float64 references for the losses of spec/ALGORITHMS.md (sections 1-3), for tests only.
+"""Naive float64 references for the losses of spec/ALGORITHMS.md (sections 1-6, 12), for tests only.
 
 Everything is written straight from the formulas: explicit Python loops over anchors and
 negatives, one scalar at a time, with plain ``exp`` and ``log``. Float64 holds
@@ -69,6 +69,8 @@ class SideState:
     seen: np.ndarray
     tau: np.ndarray
     m: np.ndarray
+    v: np.ndarray  # fastclip_v2's second moment
+    n: np.ndarray  # fastclip_v2's update count
 
     @classmethod
     def fresh(cls, data_size: int, tau_init: float) -> SideState:
@@ -77,36 +79,58 @@ class SideState:
             seen=np.zeros(data_size, dtype=bool),
             tau=np.full(data_size, tau_init),
             m=np.zeros(data_size),
+            v=np.zeros(data_size),
+            n=np.zeros(data_size),
         )
 
     def copy(self) -> SideState:
-        return SideState(self.u.copy(), self.seen.copy(), self.tau.copy(), self.m.copy())
+        return SideState(*(getattr(self, k).copy() for k in ("u", "seen", "tau", "m", "v", "n")))
 
 
 class GCLReference:
-    """Sections 2 (``individual_tau=False``, temperature ``tau``) and 3 (``individual_tau=True``,
-    every sample starts at ``tau``) on one global batch per ``step``.
+    """Sections 2-5 on one global batch per ``step``: the GCL core with the temperature rule
+    ``rule``:
 
-    Repeated indices: every anchor reads the state as it was before the step, and the value
-    written back for an index is the one of its last occurrence in batch order.
+    - "fixed": one temperature ``tau`` (sogclr);
+    - "momentum": every sample starts at ``tau`` and moves by momentum SGD on its G (isogclr);
+    - "adam": the same objective, each tau moved by Adam with per-sample moments and count
+      (fastclip_v2; ``eta`` is the learning rate);
+    - "global": one learned ``tau``; the step adds ``side_weight * (mean G_I + mean G_T) * tau``
+      to the loss and reports that gradient in ``grad_tau`` (fastclip_v0 / v3);
+    - "network": ``tau_i = tau_min + (tau_max - tau_min) * sigmoid(net(e_i))`` with ``nets`` =
+      {"image"/"text": (W1 [M, d], b1 [M], w2 [M], b2 [])} float64 tensors (their gradients are
+      the reference's), adding ``mean_i G_i * tau_i`` per side (isogclr_tempnet); the state
+      records each sample's last tau.
+
+    ``individual_tau=True`` is "momentum". Repeated indices: every anchor reads the state as it
+    was before the step, and the value written back for an index is the one of its last
+    occurrence in batch order.
     """
+
+    BETAS, EPS = (0.9, 0.999), 1e-8
 
     def __init__(
         self,
         data_size: int,
         tau: float,
-        individual_tau: bool,
+        individual_tau: bool = False,
         rho_I: float = 6.0,
         rho_T: float = 6.0,
         beta: float = 0.9,
         tau_min: float = 0.005,
         tau_max: float = 1.0,
+        rule: str | None = None,
+        side_weight: float = 1.0,
+        nets: dict | None = None,
     ) -> None:
+        self.rule = rule or ("momentum" if individual_tau else "fixed")
+        self.individual_tau = self.rule in ("momentum", "adam", "network")
         self.tau = tau
-        self.individual_tau = individual_tau
         self.rho = {"image": rho_I, "text": rho_T}
         self.beta = beta
         self.tau_min, self.tau_max = tau_min, tau_max
+        self.side_weight, self.nets = side_weight, nets
+        self.grad_tau = 0.0
         self.state = {"image": SideState.fresh(data_size, tau), "text": SideState.fresh(data_size, tau)}
 
     def step(
@@ -118,22 +142,35 @@ class GCLReference:
         gamma: float,
         eta: float = 0.0,
     ) -> torch.Tensor:
-        """Surrogate LI + LT (0-dim, differentiable w.r.t. image and text [B, d]); updates the state."""
+        """Surrogate LI + LT (0-dim, differentiable w.r.t. image and text [B, d]) plus the
+        temperature's term of the rule; updates the state."""
         S = similarities(image, text)
         batch = len(S)
         h_image = [[S[i][j] - S[i][i] for j in range(batch) if j != i] for i in range(batch)]
         h_text = [[S[i][j] - S[j][j] for i in range(batch) if i != j] for j in range(batch)]
-        loss_image = self._side("image", h_image, image_idx, gamma, eta)
-        loss_text = self._side("text", h_text, text_idx, gamma, eta)
+        self.grad_tau = 0.0
+        loss_image = self._side("image", h_image, image_idx, gamma, eta, image)
+        loss_text = self._side("text", h_text, text_idx, gamma, eta, text)
         return loss_image + loss_text
 
-    def _side(self, side: str, h: list[list[torch.Tensor]], idx: list[int], gamma: float, eta: float) -> torch.Tensor:
+    def _network_tau(self, side: str, feature: torch.Tensor) -> torch.Tensor:
+        W1, b1, w2, b2 = self.nets[side]
+        x = [float(v) for v in feature.detach()]  # stopgrad(e_i)
+        hidden = [torch.relu(sum(W1[k, d] * x[d] for d in range(len(x))) + b1[k]) for k in range(len(b1))]
+        out = sum(w2[k] * hidden[k] for k in range(len(hidden))) + b2
+        return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(out)
+
+    def _side(self, side, h, idx, gamma, eta, features) -> torch.Tensor:
         old = self.state[side]
         new = old.copy()
         negatives = len(h) - 1
-        terms = []
+        terms, tau_terms, grads = [], [], []
         for k, a in enumerate(idx):
-            tau = old.tau[a] if self.individual_tau else self.tau
+            if self.rule == "network":
+                tau_k = self._network_tau(side, features[k])
+                tau = float(tau_k.detach())
+            else:
+                tau = old.tau[a] if self.individual_tau else self.tau
             h_values = [float(x.detach()) for x in h[k]]
             exps = [math.exp(x / tau) for x in h_values]
             g = sum(exps) / negatives
@@ -141,14 +178,78 @@ class GCLReference:
             weights = [e / u for e in exps]
             terms.append(sum(w * x for w, x in zip(weights, h[k], strict=True)) / negatives)
             new.u[a], new.seen[a] = u, True
-            if self.individual_tau:
-                weighted_h = sum(w * x for w, x in zip(weights, h_values, strict=True)) / negatives
-                grad_tau = math.log(u) + self.rho[side] - weighted_h / tau
+            weighted_h = sum(w * x for w, x in zip(weights, h_values, strict=True)) / negatives
+            grad_tau = math.log(u) + self.rho[side] - weighted_h / tau  # section 3 (rho 0: v0)
+            grads.append(grad_tau)
+            if self.rule == "momentum":
                 m = (1.0 - self.beta) * old.m[a] + self.beta * min(max(grad_tau, -5.0), 5.0)
                 new.m[a] = m
                 new.tau[a] = min(max(old.tau[a] - eta * m, self.tau_min), self.tau_max)
+            elif self.rule == "adam":
+                (b1, b2), clipped = self.BETAS, min(max(grad_tau, -5.0), 5.0)
+                n = old.n[a] + 1
+                m = b1 * old.m[a] + (1 - b1) * clipped
+                v = b2 * old.v[a] + (1 - b2) * clipped**2
+                step = (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + self.EPS)
+                new.m[a], new.v[a], new.n[a] = m, v, n
+                new.tau[a] = min(max(old.tau[a] - eta * step, self.tau_min), self.tau_max)
+            elif self.rule == "network":
+                new.tau[a] = tau
+                tau_terms.append(grad_tau * tau_k)
         self.state[side] = new
-        return sum(terms) / len(idx)
+        loss = sum(terms) / len(idx)
+        if self.rule == "global":
+            self.grad_tau += self.side_weight * sum(grads) / len(idx)
+            loss = loss + self.side_weight * sum(grads) / len(idx) * self.tau
+        if self.rule == "network":
+            loss = loss + sum(tau_terms) / len(idx)
+        return loss
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Section 12: -1/B sum_ij log sigmoid(z_ij (t s_ij + b)), t = exp(log_scale), written as
+    -log(1 + exp(-x)) (|x| stays below ~30 here, no overflow in float64)."""
+    S = similarities(image, text)
+    batch = len(S)
+    total = 0.0
+    for i in range(batch):
+        for j in range(batch):
+            z = 1.0 if i == j else -1.0
+            x = z * (torch.exp(log_scale) * S[i][j] + bias)
+            total = total - torch.log(1.0 + torch.exp(-x))
+    return -total / batch
+
+
+def cyclip_loss(image, text, tau: float, lambda_in: float, lambda_cross: float) -> torch.Tensor:
+    """Section 6: clip + l_in * B * mean_ij (e_i.e_j - f_i.f_j)^2 + l_cross * B * mean_ij (s_ij - s_ji)^2."""
+    S = similarities(image, text)
+    batch = len(S)
+    in_modal = sum(
+        (torch.dot(image[i], image[j]) - torch.dot(text[i], text[j])) ** 2 for i in range(batch) for j in range(batch)
+    )
+    cross = sum((S[i][j] - S[j][i]) ** 2 for i in range(batch) for j in range(batch))
+    mean = batch * batch
+    return clip_loss(image, text, tau) + lambda_in * batch * in_modal / mean + lambda_cross * batch * cross / mean
+
+
+def vicreg_loss(x, y, w_sim: float, w_std: float, w_cov: float) -> torch.Tensor:
+    """Section 6 on unnormalised [B, d] features, one dimension and one pair at a time."""
+    batch, dim = x.shape
+    invariance = sum((x[i, k] - y[i, k]) ** 2 for i in range(batch) for k in range(dim)) / (batch * dim)
+
+    def stats(z):
+        mean = [sum(z[i, k] for i in range(batch)) / batch for k in range(dim)]
+        cov = [
+            [sum((z[i, k] - mean[k]) * (z[i, l] - mean[l]) for i in range(batch)) / (batch - 1) for l in range(dim)]
+            for k in range(dim)
+        ]
+        hinge = sum(torch.relu(1.0 - torch.sqrt(cov[k][k] + 1e-4)) for k in range(dim)) / dim
+        off = sum(cov[k][l] ** 2 for k in range(dim) for l in range(dim) if k != l) / dim
+        return hinge, off
+
+    hinge_x, off_x = stats(x)
+    hinge_y, off_y = stats(y)
+    return w_sim * invariance + w_std * (hinge_x / 2 + hinge_y / 2) + w_cov * (off_x + off_y)
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, scale_floor: float = 1e-12) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from collections import defaultdict
 
@@ -12,6 +13,7 @@ import torch
 import yaml
 
 import clip
+from models.losses import LOSS_ALIASES, LOSSES
 from shard_factory import write_stats, write_tar
 from tiny_run import LEARNING, tiny_run_args
 
@@ -128,17 +130,33 @@ def test_evaluate_reproduces_the_validation_metrics(trained, tiny_dataset, capsy
     assert f"{val['r_mean']:.2f}" in printed
 
 
-@pytest.mark.parametrize("loss", ["clip", "sogclr"])
+# what each loss learns besides the encoders: (a key of its state dict, the value it starts at)
+LEARNED = {
+    "clip": ("temp", 0.05),
+    "fastclip_v0": ("tau", 0.05),
+    "fastclip_v3": ("tau", 0.05),
+    "siglip": ("bias", -10.0),
+    # the output bias starts where sigmoid gives tau_init 0.05 in [0.005, 1]
+    "isogclr_tempnet": ("nets.I.3.bias", math.log(0.045 / 0.955)),
+}
+
+
+@pytest.mark.parametrize("loss", [*sorted(set(LOSSES) - {"isogclr"}), "fastclip_v1", "isogclr_new"])
 def test_other_losses_train(tiny_dataset, tmp_path, loss):
     out = tmp_path / loss
     assert clip.main(tiny_run_args(tiny_dataset, out, ita_type=loss, epochs=1, learnable_temp=loss == "clip")) == 0
     lines = read_jsonl(out / "log.jsonl")
-    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+    assert lines and all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
     state = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-    if loss == "clip":
-        assert "temp" in state["loss"] and state["loss"]["temp"] != pytest.approx(0.05)
-    else:
+    canonical = LOSS_ALIASES.get(loss, loss)
+    if canonical in LEARNED:
+        key, start = LEARNED[canonical]
+        value = state["loss"][key]
+        assert float(value.flatten()[0]) != pytest.approx(start, rel=1e-4), f"{key} did not learn"
+    if "seen_I" in state["loss"]:
         assert state["loss"]["seen_I"].sum() > 300
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["ita_type"] == canonical
 
 
 def test_resume_continues_from_the_latest_checkpoint(tiny_dataset, tmp_path):

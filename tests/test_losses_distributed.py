@@ -42,12 +42,22 @@ HP = {
     "eta_exp_base": 0.8,
     "beta_u": 0.9,
     "epochs": 3,
+    "tempnet_hidden": 6,
+    "lr_tau": 0.02,
+    "rho": 6.5,
 }
 CASES = {
     "clip": ("clip", {**HP, "temp": 0.05}),
     "clip-learnable": ("clip", {**HP, "temp": 0.02, "learnable_temp": True}),
     "sogclr": ("sogclr", {**HP, "temp": 0.03, "gamma_schedule": "cosine", "sogclr_gamma": 0.2}),
     "isogclr": ("isogclr", HP),
+    "isogclr_tempnet": ("isogclr_tempnet", {**HP, "gamma_schedule": "cosine"}),
+    "fastclip_v0": ("fastclip_v0", {**HP, "temp": 0.03, "gamma_schedule": "cosine", "sogclr_gamma": 0.3}),
+    "fastclip_v2": ("fastclip_v2", {**HP, "tau_min": 0.01, "gamma_schedule": "cosine", "sogclr_gamma": 0.3}),
+    "fastclip_v3": ("fastclip_v3", {**HP, "temp": 0.02, "gamma_schedule": "cosine", "sogclr_gamma": 0.3}),
+    "siglip": ("siglip", HP),
+    "cyclip": ("cyclip", {**HP, "temp": 0.02}),
+    "vicreg": ("vicreg", HP),
 }
 # Global batch order; with W = 2 rank 0 holds positions 0-5, with W = 3 positions 0-3. Index 5 (image)
 # and 1 (text) repeat across ranks, first-seen in step 0 and already seen in step 1.
@@ -83,7 +93,8 @@ def make_steps() -> list[dict]:
 
 def run_steps(loss_name: str, hp: dict, steps: list[dict], rows: slice) -> list[dict]:
     """Feed ``rows`` of every step to one loss module; per step: loss, gradients, state."""
-    loss_fn = build_loss(loss_name, data_size=N, **hp)
+    torch.manual_seed(0)  # the same initial temperature networks on every rank and in the reference
+    loss_fn = build_loss(loss_name, data_size=N, embed_dim=DIM, **hp)
     results = []
     for step in steps:
         loss_fn.set_epoch(step["epoch"])

@@ -4,7 +4,7 @@ after real learning.
 The caption-JSON source deals rows to ranks as ``DistributedSampler`` does: one permutation per
 epoch, rank r taking every W-th row, so the 2 ranks' global batch t holds exactly the rows of the
 single process's batch t; every augmentation is seeded by (seed, epoch, row). With dropout off
-(the text encoder's config is copied with dropout 0), the two runs compute the same steps on
+(the synthetic text encoder has none), the two runs compute the same steps on
 the same data, and differ only by float rounding (sums in another order across ranks).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,17 +36,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_two_ranks_match_one_process_after_learning(tiny_dataset, tmp_path):
-    text_encoder = tmp_path / "text_encoder"
-    shutil.copytree(tiny_dataset / "text_encoder", text_encoder)
-    config = json.loads((text_encoder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (text_encoder / "config.json").write_text(json.dumps(config))
+    config = json.loads((tiny_dataset / "text_encoder" / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.0
     common = {
         **LEARNING,
         "train_data": None,
         "train_file": "synthetic_train.json",
         "train_image_root": "images",
-        "text_encoder": text_encoder,
         "log_every": 1,
     }
     batch = LEARNING["batch_size_train"]
@@ -76,5 +71,7 @@ def test_two_ranks_match_one_process_after_learning(tiny_dataset, tmp_path):
     assert untrained["r_mean"] < 20 and final_one["r_mean"] > untrained["r_mean"] + 20  # both learned
     # one image ranked differently moves an image-to-text recall by 2.5 points (40 images), one
     # caption a text-to-image recall by 0.5 (200 captions); measured: 2 images, r_mean 0.4 apart
+    # here and 2.1 apart on CI's CPU; three images in each image-to-text recall move r_mean by
+    # 3.75, while a wrong gradient or batch leaves the two runs 10 or more apart
     assert [final_two[m] for m in METRICS] == pytest.approx([final_one[m] for m in METRICS], abs=7.5)
-    assert final_two["r_mean"] == pytest.approx(final_one["r_mean"], abs=2.0)
+    assert final_two["r_mean"] == pytest.approx(final_one["r_mean"], abs=4.0)

@@ -12,7 +12,8 @@ from torch import nn
 def param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float) -> list[dict]:
     """Decay only weight matrices: never norms, biases, temperatures, position/class tokens.
 
-    ``extra`` holds trainable loss parameters (a learnable temperature), never decayed.
+    ``extra``: the loss, whose trainable parameters (a temperature, temperature networks) come
+    in its own groups (``param_groups()``: never decayed, some with their own learning rate).
     """
     skip = set()
     for prefix, module in model.named_modules():
@@ -23,12 +24,8 @@ def param_groups(model: nn.Module, extra: nn.Module | None, weight_decay: float)
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or name in skip else decay).append(param)
-    if extra is not None:
-        no_decay += [p for p in extra.parameters() if p.requires_grad]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    own = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return own + (extra.param_groups() if extra is not None else [])
 
 
 def build_optimizer(

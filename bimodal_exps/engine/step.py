@@ -28,7 +28,7 @@ class ContrastiveStep(nn.Module):
     def forward(self, image, input_ids, attention_mask, image_idx, text_idx) -> LossOutput:
         device_type = image.device.type
         with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            image_feat, text_feat = self.model(image, input_ids, attention_mask)
+            image_feat, text_feat = self.model(image, input_ids, attention_mask, self.loss.normalized_features)
         with torch.autocast(device_type, enabled=False):  # the loss always runs in float32
             return self.loss.compute(image_feat.float(), text_feat.float(), image_idx, text_idx)
 

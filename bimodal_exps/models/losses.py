@@ -37,7 +37,17 @@ from torch import nn
 
 import parallel
 
-LOSS_ALIASES = {"sogclr_dro": "isogclr"}
+# Other names of a loss: the original code's and the FastCLIP paper's.
+LOSS_ALIASES = {"sogclr_dro": "isogclr", "isogclr_new": "isogclr_tempnet", "fastclip_v1": "sogclr"}
+# Defaults a loss name brings (the FastCLIP paper's CC3M set-up, ALGORITHMS.md 5 and 9) in place
+# of the general ones, where the user sets no value. fastclip_v1 is sogclr with these.
+_FASTCLIP_GAMMA = {"gamma_schedule": "cosine", "sogclr_gamma": 0.2, "gamma_decay_epochs": 18}
+LOSS_PRESETS: dict[str, dict[str, Any]] = {
+    "fastclip_v0": _FASTCLIP_GAMMA,
+    "fastclip_v1": _FASTCLIP_GAMMA,
+    "fastclip_v2": {**_FASTCLIP_GAMMA, "tau_min": 0.01},
+    "fastclip_v3": _FASTCLIP_GAMMA,
+}
 
 
 def hparam(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -73,18 +83,68 @@ class SogCLRHParams(GammaSchedule, FixedTemperature):
 
 
 @dataclass(frozen=True)
-class ISogCLRHParams(GammaSchedule):
-    tau_init: float = hparam(0.01, "isogclr: initial per-sample temperature")
-    tau_min: float = hparam(0.005, "isogclr: smallest temperature")
-    tau_max: float = hparam(1.0, "isogclr: largest temperature")
-    rho_init: float = hparam(6.0, "isogclr: KL-DRO radius rho of both modalities")
-    rho_I: float | None = hparam(None, "isogclr: image-side rho (None: --rho_init)")
-    rho_T: float | None = hparam(None, "isogclr: text-side rho (None: --rho_init)")
+class IndividualTemperature(GammaSchedule):
+    tau_init: float = hparam(0.01, "initial per-sample temperature (isogclr and its variants)")
+    tau_min: float = hparam(0.005, "smallest per-sample temperature")
+    tau_max: float = hparam(1.0, "largest per-sample temperature")
+    rho_init: float = hparam(6.0, "KL-DRO radius rho of both modalities")
+    rho_I: float | None = hparam(None, "image-side rho (None: --rho_init)")
+    rho_T: float | None = hparam(None, "text-side rho (None: --rho_init)")
+
+
+@dataclass(frozen=True)
+class ISogCLRHParams(IndividualTemperature):
     eta_init: float = hparam(0.03, "isogclr: temperature learning rate eta")
     eta_sched: str = hparam("const", "eta per epoch", choices=("const", "cosine", "exp"))
     eta_min: float = hparam(1e-4, "isogclr: final eta of the cosine and exp schedules")
     eta_exp_base: float = hparam(0.8, "isogclr: lambda of the exp eta schedule")
     beta_u: float = hparam(0.9, "isogclr: momentum of the temperature gradient")
+
+
+@dataclass(frozen=True)
+class TempNetHParams(IndividualTemperature):
+    tempnet_hidden: int = hparam(256, "isogclr_tempnet: hidden width M of each temperature network")
+    tempnet_dropout: float = hparam(0.0, "isogclr_tempnet: dropout after the hidden layer")
+    lr_tempnet: float | None = hparam(None, "isogclr_tempnet: learning rate of the networks (None: --lr)")
+
+
+@dataclass(frozen=True)
+class AdamTau:
+    lr_tau: float = hparam(2e-4, "fastclip_v2/v3: learning rate of the temperature(s)")
+
+
+@dataclass(frozen=True)
+class FastCLIPv0HParams(AdamTau, GammaSchedule, FixedTemperature):
+    pass
+
+
+@dataclass(frozen=True)
+class FastCLIPv2HParams(AdamTau, IndividualTemperature):
+    pass
+
+
+@dataclass(frozen=True)
+class FastCLIPv3HParams(AdamTau, GammaSchedule, FixedTemperature):
+    rho: float = hparam(6.5, "fastclip_v3: rho of the global temperature's objective")
+
+
+@dataclass(frozen=True)
+class SigLIPHParams:
+    siglip_scale_init: float = hparam(10.0, "siglip: initial scale t (learned as log t)")
+    siglip_bias_init: float = hparam(-10.0, "siglip: initial bias b")
+
+
+@dataclass(frozen=True)
+class CyCLIPHParams(CLIPHParams):
+    cyclip_lambda_in: float = hparam(0.25, "cyclip: weight of the in-modal consistency term")
+    cyclip_lambda_cross: float = hparam(0.25, "cyclip: weight of the cross-modal consistency term")
+
+
+@dataclass(frozen=True)
+class VICRegHParams:
+    vicreg_sim: float = hparam(25.0, "vicreg: weight of the invariance term")
+    vicreg_std: float = hparam(25.0, "vicreg: weight of the variance term")
+    vicreg_cov: float = hparam(1.0, "vicreg: weight of the covariance term")
 
 
 # ---- what compute() returns -------------------------------------------------------------
@@ -130,11 +190,14 @@ class _GlobalBatch:
     sim_img: [b, B] rows s_ij for local image anchors i and every text j.
     sim_txt: [b, B] rows s_ij (as a function of i) for local text anchors j.
     pos: [b] column of each local anchor's positive in those rows.
+    all_image, all_text: [B, d] the gathered features (their gradients reach every rank).
     """
 
     sim_img: torch.Tensor
     sim_txt: torch.Tensor
     pos: torch.Tensor
+    all_image: torch.Tensor
+    all_text: torch.Tensor
 
 
 @contextlib.contextmanager
@@ -176,7 +239,7 @@ def _gather_similarities(image_feat: torch.Tensor, text_feat: torch.Tensor) -> _
     sim_img = _Similarity.apply(image_feat, all_text)
     # one process: the text anchors' rows are the columns of the same matrix (no second matmul)
     sim_txt = sim_img.T if parallel.world_size() == 1 else _Similarity.apply(text_feat, all_image)
-    return _GlobalBatch(sim_img, sim_txt, pos)
+    return _GlobalBatch(sim_img, sim_txt, pos, all_image, all_text)
 
 
 def _check_shapes(image_feat: torch.Tensor, text_feat: torch.Tensor, image_idx, text_idx) -> None:
@@ -245,6 +308,8 @@ class ContrastiveLoss(nn.Module):
     """Base class: the standalone call, epoch bookkeeping, state updates."""
 
     HParams: ClassVar[type] = type(None)
+    # False: compute() takes the projected features before L2 normalisation (vicreg)
+    normalized_features: ClassVar[bool] = True
 
     def __init__(self, data_size: int | None = None) -> None:
         super().__init__()
@@ -259,6 +324,12 @@ class ContrastiveLoss(nn.Module):
         """The loss on this rank's local batch (features [b, d], indices [b]); writes no state
         and reads nothing from the device."""
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The loss's trainable parameters as optimiser groups, never weight-decayed; a group
+        without "lr" learns at the model's learning rate."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": 0.0}] if params else []
 
     def forward(self, image_feat, text_feat, image_idx, text_idx) -> tuple[torch.Tensor, dict[str, float]]:
         """Standalone use: check the indices, compute, write the state (when finite); returns
@@ -313,7 +384,110 @@ class CLIPLoss(ContrastiveLoss):
             F.cross_entropy(batch.sim_img / self.temp, batch.pos)
             + F.cross_entropy(batch.sim_txt / self.temp, batch.pos)
         )
-        return LossOutput(loss, {"temp": self.temp.detach()}, self._state_update({}, image_feat.device))
+        stats: dict[str, torch.Tensor | float] = {"temp": self.temp.detach()}
+        extra = self._extra_terms(image_feat.float(), text_feat.float(), batch, stats)
+        if extra is not None:
+            loss = loss + extra
+        return LossOutput(loss, stats, self._state_update({}, image_feat.device))
+
+    def _extra_terms(self, image_feat, text_feat, batch: _GlobalBatch, stats: dict) -> torch.Tensor | None:
+        """Terms a variant adds to CLIP's loss (CyCLIP); None for CLIP itself."""
+        return None
+
+
+class SigLIPLoss(ContrastiveLoss):
+    """Pairwise sigmoid loss (ALGORITHMS.md 12) with a learned scale ``t = exp(log_scale)`` and
+    bias: ``-1/B sum_ij log sigmoid(z_ij (t s_ij + b))``, z = +1 on the diagonal, -1 elsewhere.
+
+    Each rank takes the rows of its image anchors against every gathered text, so its share of
+    the sum is ``b x B``; divided by its b rows, the mean over ranks is the global loss.
+    """
+
+    HParams = SigLIPHParams
+
+    def __init__(self, data_size: int | None = None, hp: SigLIPHParams = SigLIPHParams(), epochs: int = 1):
+        super().__init__(data_size)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(hp.siglip_scale_init)))
+        self.bias = nn.Parameter(torch.tensor(float(hp.siglip_bias_init)))
+
+    def compute(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        _check_shapes(image_feat, text_feat, image_idx, text_idx)
+        image_feat, text_feat = image_feat.float(), text_feat.float()
+        all_text = parallel.all_gather_with_grad(text_feat)
+        b = image_feat.shape[0]
+        logits = _Similarity.apply(image_feat, all_text) * self.log_scale.exp() + self.bias
+        # log sigmoid(z x) for z = -1 everywhere, then the diagonal's z = +1 added back:
+        # log sigmoid(x) - log sigmoid(-x) = x
+        pos = torch.arange(b, device=image_feat.device) + parallel.rank() * b
+        negatives = F.logsigmoid(-logits).sum()
+        positives = logits.gather(1, pos.unsqueeze(1)).sum()
+        loss = -(negatives + positives) / b
+        stats = {"scale": self.log_scale.detach().exp(), "bias": self.bias.detach()}
+        return LossOutput(loss, stats, self._state_update({}, image_feat.device))
+
+
+class CyCLIPLoss(CLIPLoss):
+    """CyCLIP (ALGORITHMS.md 6): CLIP's loss plus the in-modal and cross-modal consistency terms
+    ``l_in * B * mean_ij (E E^T - F F^T)_ij^2 + l_cross * B * mean_ij (S - S^T)_ij^2`` on the
+    global batch; each rank sums the squares of its anchors' rows (divided by its b rows, the
+    mean over ranks is the global value)."""
+
+    HParams = CyCLIPHParams
+
+    def __init__(self, data_size: int | None = None, hp: CyCLIPHParams = CyCLIPHParams(), epochs: int = 1):
+        super().__init__(data_size, hp)
+        self.lambda_in, self.lambda_cross = hp.cyclip_lambda_in, hp.cyclip_lambda_cross
+
+    def _extra_terms(self, image_feat, text_feat, batch: _GlobalBatch, stats: dict) -> torch.Tensor:
+        b = image_feat.shape[0]
+        in_modal = _Similarity.apply(image_feat, batch.all_image) - _Similarity.apply(text_feat, batch.all_text)
+        # row i of S^T is text i against every image: the text anchors' rows
+        cross_modal = batch.sim_img - batch.sim_txt
+        stats["cyclip_in"] = in_modal.detach().square().sum() / b
+        stats["cyclip_cross"] = cross_modal.detach().square().sum() / b
+        return (self.lambda_in * in_modal.square().sum() + self.lambda_cross * cross_modal.square().sum()) / b
+
+
+class VICRegLoss(ContrastiveLoss):
+    """VICReg (ALGORITHMS.md 6) on the projected features before L2 normalisation, x (images)
+    and y (texts): ``sim * I + std * V + cov * C`` with the invariance I (mean squared
+    difference), the variance hinge V and the off-diagonal covariance C, all statistics of the
+    global batch.
+
+    Every rank gathers the whole batch (with gradient) and computes the same value: the terms
+    are d x d, cheap; the gather's backward sums the W equal gradients, which DDP's averaging
+    divides back.
+    """
+
+    HParams = VICRegHParams
+    normalized_features = False
+
+    def __init__(self, data_size: int | None = None, hp: VICRegHParams = VICRegHParams(), epochs: int = 1):
+        super().__init__(data_size)
+        self.weights = (hp.vicreg_sim, hp.vicreg_std, hp.vicreg_cov)
+
+    def compute(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        _check_shapes(image_feat, text_feat, image_idx, text_idx)
+        x = parallel.all_gather_with_grad(image_feat.float())
+        y = parallel.all_gather_with_grad(text_feat.float())
+        invariance = (x - y).square().mean()
+        variance = 0.5 * (self._hinge(x) + self._hinge(y))
+        covariance = self._off_diagonal(x) + self._off_diagonal(y)
+        w_sim, w_std, w_cov = self.weights
+        loss = w_sim * invariance + w_std * variance + w_cov * covariance
+        stats = {"invariance": invariance.detach(), "variance": variance.detach(), "covariance": covariance.detach()}
+        return LossOutput(loss, stats, self._state_update({}, image_feat.device))
+
+    @staticmethod
+    def _hinge(z: torch.Tensor) -> torch.Tensor:
+        return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+
+    @staticmethod
+    def _off_diagonal(z: torch.Tensor) -> torch.Tensor:
+        """sum_{k != l} cov(z)_kl^2 / d."""
+        centred = z - z.mean(dim=0)
+        cov = _Similarity.apply(centred.T.contiguous(), centred.T.contiguous()) / (z.shape[0] - 1)
+        return (cov.square().sum() - cov.diagonal().square().sum()) / z.shape[1]
 
 
 @dataclass
@@ -461,15 +635,18 @@ class GCLLoss(ContrastiveLoss):
     def gamma_t(self) -> float:
         return gamma_at(self.epoch, self.gamma, self.gamma_schedule, self.gamma_decay_epochs)
 
-    def _anchor_tau(self, side: str, idx: torch.Tensor) -> torch.Tensor:
-        """Temperature [b] of each local anchor of one side ("I" or "T")."""
+    def _anchor_tau(self, side: str, idx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """Temperature [b] of each local anchor of one side ("I" or "T"; indices [b], features
+        [b, d]); differentiable where the temperature is learned by back-propagation."""
         raise NotImplementedError
 
     def _update_tau(
         self, side: str, idx: torch.Tensor, tau: torch.Tensor, anchors: _AnchorTerms, stats: dict
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """New temperature state for the anchors of one side; none for a fixed temperature."""
-        return {}
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """How the temperature learns from the anchors of one side: its new per-sample state, and
+        a term added to the loss whose gradient reaches learned temperature parameters (a
+        0-dim tensor, or None). A fixed temperature: neither."""
+        return {}, None
 
     def _schedule_stats(self) -> dict[str, float]:
         return {"gamma": self.gamma_t}
@@ -493,20 +670,28 @@ class GCLLoss(ContrastiveLoss):
             ("I", batch.sim_img, 1, grad_img, image_idx, False),
             ("T", sim_txt, 0 if one_matrix else 1, grad_txt, text_idx, one_matrix),
         )
+        tau_terms = []
         for side, sim, dim, grad, idx, accumulate in directions:
-            tau = self._anchor_tau(side, idx)
+            tau = self._anchor_tau(side, idx, image_feat if side == "I" else text_feat)
             log_u, seen = getattr(self, f"log_u_{side}")[idx], getattr(self, f"seen_{side}")[idx]
-            anchors = _gcl_anchor_terms(sim.detach(), dim, batch.pos, tau, log_u, seen, gamma, grad, scale, accumulate)
+            anchors = _gcl_anchor_terms(
+                sim.detach(), dim, batch.pos, tau.detach(), log_u, seen, gamma, grad, scale, accumulate
+            )
             value = value + anchors.terms.mean()
             new_state[f"log_u_{side}"] = (idx, anchors.log_u)
             new_state[f"seen_{side}"] = (idx, torch.ones_like(anchors.log_u))
-            new_state.update(self._update_tau(side, idx, tau, anchors, stats))
-            stats[f"tau_{side}"] = tau.mean()
-            stats[f"gcl_{side}"] = (tau * anchors.log_u).mean()  # tau * log(global mean of exp(h/tau))
+            tau_state, tau_term = self._update_tau(side, idx, tau, anchors, stats)
+            new_state.update(tau_state)
+            if tau_term is not None:
+                tau_terms.append(tau_term)
+            stats[f"tau_{side}"] = tau.detach().mean()
+            stats[f"gcl_{side}"] = (tau.detach() * anchors.log_u).mean()  # tau * log(global mean of exp(h/tau))
         if one_matrix:
             loss = _Surrogate.apply(value, batch.sim_img, grad_img)
         else:
             loss = _Surrogate.apply(value, batch.sim_img, grad_img, batch.sim_txt, grad_txt)
+        for term in tau_terms:
+            loss = loss + term
         return LossOutput(loss, stats, self._state_update(new_state, image_feat.device))
 
 
@@ -519,7 +704,7 @@ class SogCLRLoss(GCLLoss):
         super().__init__(data_size, hp)
         self.temp = float(hp.temp)
 
-    def _anchor_tau(self, side, idx):
+    def _anchor_tau(self, side, idx, feat):
         return torch.full(idx.shape, self.temp, device=idx.device)
 
 
@@ -534,42 +719,21 @@ def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_b
     raise ValueError(f"unknown --eta_sched {schedule!r}; use 'const', 'cosine' or 'exp'")
 
 
-class ISogCLRLoss(GCLLoss):
-    """Robust GCL with a learned temperature per sample (ALGORITHMS.md 3).
+class _TemperatureTable(GCLLoss):
+    """The GCL core with a temperature per sample (``tau_I``, ``tau_T`` buffers of length N, in
+    [tau_min, tau_max]) and the KL-DRO radius rho per modality (ALGORITHMS.md 3)."""
 
-    ``epochs``: the run's length, which the cosine eta schedule spans.
-    """
-
-    HParams = ISogCLRHParams
-
-    def __init__(self, data_size: int, hp: ISogCLRHParams = ISogCLRHParams(), epochs: int = 1) -> None:
+    def __init__(self, data_size: int, hp: IndividualTemperature) -> None:
         super().__init__(data_size, hp)
         self.tau_min, self.tau_max = hp.tau_min, hp.tau_max
         self.rho = {
             "I": hp.rho_init if hp.rho_I is None else hp.rho_I,
             "T": hp.rho_init if hp.rho_T is None else hp.rho_T,
         }
-        self.eta = dict(
-            eta_init=hp.eta_init,
-            schedule=hp.eta_sched,
-            eta_min=hp.eta_min,
-            eta_exp_base=hp.eta_exp_base,
-            epochs=epochs,
-        )
-        self.beta = hp.beta_u
-        eta_at(0, **self.eta)  # validates the schedule name
         for side in ("I", "T"):
             self.register_buffer(f"tau_{side}", torch.full((data_size,), float(hp.tau_init)))
-            self.register_buffer(f"m_{side}", torch.zeros(data_size))
 
-    @property
-    def eta_t(self) -> float:
-        return eta_at(self.epoch, **self.eta)
-
-    def _schedule_stats(self) -> dict[str, float]:
-        return {"gamma": self.gamma_t, "eta": self.eta_t}
-
-    def _anchor_tau(self, side, idx):
+    def _anchor_tau(self, side, idx, feat):
         return getattr(self, f"tau_{side}")[idx]
 
     def temperatures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -580,15 +744,188 @@ class ISogCLRLoss(GCLLoss):
             out[name] = (idx.cpu(), getattr(self, f"tau_{side}")[idx].cpu())
         return out
 
+
+class ISogCLRLoss(_TemperatureTable):
+    """Robust GCL with a learned temperature per sample (ALGORITHMS.md 3): each tau moves by
+    momentum SGD on its own gradient G.
+
+    ``epochs``: the run's length, which the cosine eta schedule spans.
+    """
+
+    HParams = ISogCLRHParams
+
+    def __init__(self, data_size: int, hp: ISogCLRHParams = ISogCLRHParams(), epochs: int = 1) -> None:
+        super().__init__(data_size, hp)
+        self.eta = dict(
+            eta_init=hp.eta_init,
+            schedule=hp.eta_sched,
+            eta_min=hp.eta_min,
+            eta_exp_base=hp.eta_exp_base,
+            epochs=epochs,
+        )
+        self.beta = hp.beta_u
+        eta_at(0, **self.eta)  # validates the schedule name
+        for side in ("I", "T"):
+            self.register_buffer(f"m_{side}", torch.zeros(data_size))
+
+    @property
+    def eta_t(self) -> float:
+        return eta_at(self.epoch, **self.eta)
+
+    def _schedule_stats(self) -> dict[str, float]:
+        return {"gamma": self.gamma_t, "eta": self.eta_t}
+
     def _update_tau(self, side, idx, tau, anchors, stats):
         grad_tau = anchors.tau_gradient(self.rho[side])  # d/dtau of the KL-DRO objective at u
         stats[f"grad_tau_{side}"] = grad_tau.mean()
         m_new = (1 - self.beta) * getattr(self, f"m_{side}")[idx] + self.beta * grad_tau.clamp(-5.0, 5.0)
         tau_new = (tau - self.eta_t * m_new).clamp(self.tau_min, self.tau_max)
-        return {f"m_{side}": (idx, m_new), f"tau_{side}": (idx, tau_new)}
+        return {f"m_{side}": (idx, m_new), f"tau_{side}": (idx, tau_new)}, None
 
 
-LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": CLIPLoss, "sogclr": SogCLRLoss, "isogclr": ISogCLRLoss}
+class FastCLIPv2Loss(_TemperatureTable):
+    """FastCLIP-v2 (ALGORITHMS.md 5): the iSogCLR objective, each tau moved by Adam on its own
+    gradient G (clipped to [-5, 5]) with moments per sample (``m``, ``v``) and the bias correction
+    of the sample's own update count ``n``; the cosine gamma schedule comes with the name."""
+
+    HParams = FastCLIPv2HParams
+    BETAS, EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, data_size: int, hp: FastCLIPv2HParams = FastCLIPv2HParams(), epochs: int = 1) -> None:
+        super().__init__(data_size, hp)
+        self.lr_tau = hp.lr_tau
+        for side in ("I", "T"):
+            self.register_buffer(f"m_{side}", torch.zeros(data_size))
+            self.register_buffer(f"v_{side}", torch.zeros(data_size))
+            self.register_buffer(f"n_{side}", torch.zeros(data_size))
+
+    def _update_tau(self, side, idx, tau, anchors, stats):
+        grad_tau = anchors.tau_gradient(self.rho[side]).clamp(-5.0, 5.0)
+        stats[f"grad_tau_{side}"] = grad_tau.mean()
+        (b1, b2), n = self.BETAS, getattr(self, f"n_{side}")[idx] + 1
+        m = b1 * getattr(self, f"m_{side}")[idx] + (1 - b1) * grad_tau
+        v = b2 * getattr(self, f"v_{side}")[idx] + (1 - b2) * grad_tau.square()
+        step = (m / (1 - b1**n)) / ((v / (1 - b2**n)).sqrt() + self.EPS)
+        tau_new = (tau - self.lr_tau * step).clamp(self.tau_min, self.tau_max)
+        return {
+            f"m_{side}": (idx, m),
+            f"v_{side}": (idx, v),
+            f"n_{side}": (idx, n),
+            f"tau_{side}": (idx, tau_new),
+        }, None
+
+
+class TempNetLoss(_TemperatureTable):
+    """iSogCLR with temperatures from a small network per modality (ALGORITHMS.md 4):
+    ``tau = tau_min + (tau_max - tau_min) * sigmoid(MLP(stopgrad(feature)))``, the MLP
+    ``d -> M -> 1`` (ReLU, dropout) learning from ``mean_i stopgrad(G_i) * tau_i`` added to the
+    loss. ``tau_I`` / ``tau_T`` record each sample's last predicted temperature (for analysis;
+    the networks predict one for any image or caption).
+    """
+
+    HParams = TempNetHParams
+
+    def __init__(self, data_size: int, hp: TempNetHParams = TempNetHParams(), epochs: int = 1, dim: int = 256) -> None:
+        super().__init__(data_size, hp)
+        self.lr_tempnet = hp.lr_tempnet
+        self.nets = nn.ModuleDict({side: self._network(dim, hp) for side in ("I", "T")})
+
+    @staticmethod
+    def _network(dim: int, hp: TempNetHParams) -> nn.Sequential:
+        net = nn.Sequential(
+            nn.Linear(dim, hp.tempnet_hidden),
+            nn.ReLU(),
+            nn.Dropout(hp.tempnet_dropout),
+            nn.Linear(hp.tempnet_hidden, 1),
+        )
+        with torch.no_grad():  # start near tau_init: sigmoid(bias) = (tau_init - tau_min) / (tau_max - tau_min)
+            share = (hp.tau_init - hp.tau_min) / (hp.tau_max - hp.tau_min)
+            net[-1].bias.fill_(math.log(share / (1 - share)) if 0 < share < 1 else 0.0)
+        return net
+
+    def _anchor_tau(self, side, idx, feat):
+        net = self.nets[side]
+        if feat.shape[1] != net[0].in_features:
+            raise ValueError(
+                f"isogclr_tempnet was built for {net[0].in_features}-dim features, got {feat.shape[1]}; "
+                "build it with dim=--embed_dim"
+            )
+        return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(net(feat.detach()).squeeze(1))
+
+    def _update_tau(self, side, idx, tau, anchors, stats):
+        grad_tau = anchors.tau_gradient(self.rho[side])
+        stats[f"grad_tau_{side}"] = grad_tau.mean()
+        return {f"tau_{side}": (idx, tau.detach())}, (grad_tau * tau).mean()
+
+    def param_groups(self) -> list[dict]:
+        group = {"params": list(self.nets.parameters()), "weight_decay": 0.0}
+        return [group if self.lr_tempnet is None else {**group, "lr": self.lr_tempnet}]
+
+
+class _GlobalTemperatureGCL(GCLLoss):
+    """The GCL core with one learned temperature for all samples (``tau``, a parameter with its
+    own learning rate ``--lr_tau``, kept in ``TAU_RANGE``), whose gradient is ``SIDE_WEIGHT``
+    times the sum over both modalities of the batch mean of G_i (ALGORITHMS.md 3) at rho
+    ``self.rho_tau``."""
+
+    TAU_RANGE = (0.01, 1.0)
+    SIDE_WEIGHT = 1.0
+
+    def __init__(self, data_size: int, hp, rho: float) -> None:
+        super().__init__(data_size, hp)
+        self.tau = nn.Parameter(torch.tensor(float(hp.temp)))
+        self.lr_tau, self.rho_tau = hp.lr_tau, rho
+
+    def compute(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        with torch.no_grad():  # the projection of the previous optimiser step back into the range
+            self.tau.clamp_(*self.TAU_RANGE)
+        return super().compute(image_feat, text_feat, image_idx, text_idx)
+
+    def _anchor_tau(self, side, idx, feat):
+        return self.tau.expand(idx.shape)
+
+    def _update_tau(self, side, idx, tau, anchors, stats):
+        grad_tau = anchors.tau_gradient(self.rho_tau)
+        stats[f"grad_tau_{side}"] = grad_tau.mean()
+        return {}, self.SIDE_WEIGHT * grad_tau.mean() * tau[0]
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.tau], "lr": self.lr_tau, "weight_decay": 0.0}]
+
+
+class FastCLIPv0Loss(_GlobalTemperatureGCL):
+    """FastCLIP-v0 (ALGORITHMS.md 5): SogCLR with its global temperature learned, as CLIP learns
+    its own, by the gradient of the GCL objective ``sum_sides mean_i tau log u_i`` (G at rho 0)."""
+
+    HParams = FastCLIPv0HParams
+
+    def __init__(self, data_size: int, hp: FastCLIPv0HParams = FastCLIPv0HParams(), epochs: int = 1) -> None:
+        super().__init__(data_size, hp, rho=0.0)
+
+
+class FastCLIPv3Loss(_GlobalTemperatureGCL):
+    """FastCLIP-v3, RGCL-g (ALGORITHMS.md 5): the global temperature learns from
+    ``1/(2B) sum_i (GI_i + GT_i)`` at ``--rho``, the robust objective's gradient."""
+
+    HParams = FastCLIPv3HParams
+    SIDE_WEIGHT = 0.5
+
+    def __init__(self, data_size: int, hp: FastCLIPv3HParams = FastCLIPv3HParams(), epochs: int = 1) -> None:
+        super().__init__(data_size, hp, rho=hp.rho)
+
+
+LOSSES: dict[str, type[ContrastiveLoss]] = {
+    "clip": CLIPLoss,
+    "sogclr": SogCLRLoss,
+    "isogclr": ISogCLRLoss,
+    "isogclr_tempnet": TempNetLoss,
+    "fastclip_v0": FastCLIPv0Loss,
+    "fastclip_v2": FastCLIPv2Loss,
+    "fastclip_v3": FastCLIPv3Loss,
+    "siglip": SigLIPLoss,
+    "cyclip": CyCLIPLoss,
+    "vicreg": VICRegLoss,
+}
 
 
 def loss_hparam_fields() -> dict[str, dataclasses.Field]:
@@ -609,16 +946,20 @@ def resolve_loss_name(name: str) -> str:
     return key
 
 
-def build_loss(name: str, data_size: int, epochs: int = 1, **hp: Any) -> ContrastiveLoss:
-    """Build a loss by its ``--ita_type`` name.
+def build_loss(name: str, data_size: int, epochs: int = 1, embed_dim: int = 256, **hp: Any) -> ContrastiveLoss:
+    """Build a loss by its ``--ita_type`` name; hyperparameters not in ``hp`` take the name's
+    presets (``LOSS_PRESETS``), then their defaults.
 
     ``hp`` may hold any loss's hyperparameters (the flags of every loss): each loss takes its
     own (``LOSSES[name].HParams``) and ignores those of the others; a name that is no loss's
-    hyperparameter is refused. ``epochs``: the run's length, for schedules that span it.
+    hyperparameter is refused. ``epochs``: the run's length, for schedules that span it;
+    ``embed_dim``: the features' dimension d, for losses with networks on them (tempnet).
     """
     cls = LOSSES[resolve_loss_name(name)]
     unknown = sorted(set(hp) - set(loss_hparam_fields()))
     if unknown:
         raise ValueError(f"unknown loss hyperparameter(s) {', '.join(unknown)}; known: {sorted(loss_hparam_fields())}")
+    hp = {**LOSS_PRESETS.get(name, {}), **hp}
     own = {f.name for f in dataclasses.fields(cls.HParams)}
-    return cls(data_size, cls.HParams(**{k: v for k, v in hp.items() if k in own}), epochs=epochs)
+    extra = {"dim": embed_dim} if cls is TempNetLoss else {}
+    return cls(data_size, cls.HParams(**{k: v for k, v in hp.items() if k in own}), epochs=epochs, **extra)

@@ -105,8 +105,9 @@ class CLIPModel(nn.Module):
     """Image and text towers with projections to ``embed_dim``.
 
     ``forward(images, input_ids, attention_mask)`` returns the L2-normalised image and
-    text features, each [b, embed_dim]. Images arrive as uint8 [b, 3, H, W] (0-255) and are
-    normalised here, on the model's device, with CLIP's mean and std.
+    text features, each [b, embed_dim] (``normalize=False``: the projections themselves).
+    Images arrive as uint8 [b, 3, H, W] (0-255) and are normalised here, on the model's device,
+    with CLIP's mean and std.
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int) -> None:
@@ -125,12 +126,14 @@ class CLIPModel(nn.Module):
         self.register_buffer("pixel_shift", -torch.tensor(MEAN).view(1, 3, 1, 1) / std, persistent=False)
         self.channels_last = False
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images uint8 [b,3,H,W] -> [b, embed_dim], unit norm."""
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """images uint8 [b,3,H,W] -> [b, embed_dim], unit norm (the projection itself when not
+        ``normalize``)."""
         pixels = torch.addcmul(self.pixel_shift, images.float(), self.pixel_scale)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        return F.normalize(self.vision_proj(self.visual(pixels)), dim=-1)
+        feat = self.vision_proj(self.visual(pixels))
+        return F.normalize(feat, dim=-1) if normalize else feat
 
     def configure(self, *, channels_last: bool, grad_checkpointing: bool, compile: bool) -> CLIPModel:
         """Speed and memory options: the image encoder in channels-last layout (``--channels_last``;
@@ -147,11 +150,15 @@ class CLIPModel(nn.Module):
             self.text_encoder.compile()
         return self
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """token ids and mask [b, L] -> [b, embed_dim], unit norm; the first ([CLS]) token represents the text."""
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """token ids and mask [b, L] -> [b, embed_dim], unit norm (the projection itself when not
+        ``normalize``); the first ([CLS]) token represents the text."""
         mask = self._attention_mask_4d(attention_mask)
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        feat = self.text_proj(hidden[:, 0])
+        return F.normalize(feat, dim=-1) if normalize else feat
 
     def _attention_mask_4d(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """[b, L] of 0/1 -> [b, 1, 1, L], the form Hugging Face models take as it is: given a 2D
@@ -163,9 +170,9 @@ class CLIPModel(nn.Module):
         return keep
 
     def forward(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+        return self.encode_image(images, normalize), self.encode_text(input_ids, attention_mask, normalize)
 
 
 def build_model(
