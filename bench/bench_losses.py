@@ -1,0 +1,213 @@
+"""Q2-Q4 (spec/TARGETS.md): every loss on the built-in synthetic benchmark, under one trainer.
+
+The protocol, fixed before any run and the same for every loss:
+
+- the default run's config (``bimodal_exps/configs/synthetic.yaml``: model, optimiser,
+  learning rate and schedule, epochs, augmentation, temperatures ``temp`` = ``tau_init`` = 0.03,
+  ``rho_init`` 2.5, gamma 0.8), so every loss sees the same samples as the default run;
+- Q2: global batch 64 (one process), seeds 0, 1, 2 (``--seeds``); the cosine gamma schedules
+  (fastclip_v0..v3) decay over the run's own epochs instead of the paper's 18;
+- Q3: ``clip`` at batch 512, the same epochs (so the same samples seen), against ``sogclr`` and
+  ``isogclr`` at 64;
+- Q4: the learned temperature of each training sample (``isogclr``: its table; the tempnet: its
+  last prediction) against how rare its attributes are: the mean over its objects of
+  ``-log p(shape) - log p(colour)``, frequencies counted over the training split; Spearman's
+  rank correlation per side, and a box plot per rarity quintile.
+
+Each loss keeps its own hyperparameters' defaults otherwise (``python bimodal_exps/clip.py
+--help``). Writes ``bench/results/losses.md``, ``losses.json`` and ``temperatures_q4.png``; the
+runs go to ``output/bench_losses/``. A full run (3 seeds) takes about 2.5 hours on 2 cores.
+
+    python bench/bench_losses.py [--seeds 0 1 2] [--losses clip sogclr ...] [--skip_q3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from common import RESULTS, machine, machine_line
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "bimodal_exps" / "configs" / "synthetic.yaml"
+RUNS = ROOT / "output" / "bench_losses"
+LOSSES = [
+    "clip",
+    "sogclr",
+    "isogclr",
+    "isogclr_tempnet",
+    "fastclip_v0",
+    "fastclip_v1",
+    "fastclip_v2",
+    "fastclip_v3",
+    "siglip",
+    "cyclip",
+    "vicreg",
+]
+SMALL_BATCH, LARGE_BATCH = 64, 512
+
+
+def run(loss: str, batch: int, seed: int, epochs: int) -> dict:
+    """One training run (resumed if it was interrupted); its final test metrics and wall time."""
+    out = RUNS / f"{loss}_b{batch}_s{seed}"
+    done = out / "eval.jsonl"
+    final = _final(done)
+    if final is None:
+        cmd = [sys.executable, str(ROOT / "bimodal_exps" / "clip.py"), "--config", str(CONFIG)]
+        cmd += ["--ita_type", loss, "--batch_size_train", str(batch), "--seed", str(seed)]
+        cmd += ["--gamma_decay_epochs", str(epochs), "--output_dir", str(out), "--resume", "auto", "--no-distributed"]
+        start = time.monotonic()
+        with open(RUNS / f"{out.name}.log", "w") as log:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        (out / "wall_s.txt").write_text(f"{time.monotonic() - start:.0f}\n")
+        final = _final(done)
+    wall = (out / "wall_s.txt").read_text().strip() if (out / "wall_s.txt").exists() else "?"
+    return {"loss": loss, "batch": batch, "seed": seed, "r_mean": final["r_mean"], "wall_s": wall, "dir": str(out)}
+
+
+def _final(eval_file: Path) -> dict | None:
+    if not eval_file.exists():
+        return None
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    return next((r for r in rows if r["tag"] == "final" and r["dataset"] == "synthetic_test"), None)
+
+
+def rarity_by_index(data_path: Path) -> dict[int, float]:
+    """Sample index -> mean over its objects of -log p(shape) - log p(colour) (training split)."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for parquet in sorted((data_path / "train").glob("*.parquet")):
+        table = pq.read_table(parquet, columns=["key", "status", "attributes"]).to_pylist()
+        rows += [(int(r["key"]), json.loads(r["attributes"])["objects"]) for r in table if r["status"] == "success"]
+    pairs = (("shape", o["shape"]) for _, objects in rows for o in objects)
+    counts = Counter(pairs) + Counter(("colour", o["colour"]) for _, objects in rows for o in objects)
+    total = {kind: sum(c for (k, _), c in counts.items() if k == kind) for kind in ("shape", "colour")}
+
+    def surprise(kind: str, value: str) -> float:
+        return -math.log(counts[(kind, value)] / total[kind])
+
+    return {
+        key: float(np.mean([surprise("shape", o["shape"]) + surprise("colour", o["colour"]) for o in objects]))
+        for key, objects in rows
+    }
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation, ties given their average rank."""
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return sums[inverse] / counts[inverse]
+
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def temperatures_vs_rarity(runs: list[dict], rarity: dict[int, float], epochs: int) -> tuple[list[dict], Path | None]:
+    from matplotlib.figure import Figure
+
+    results, panels = [], []
+    for r in runs:
+        npz = Path(r["dir"]) / "temperatures" / f"epoch_{epochs - 1}.npz"
+        if not npz.exists():
+            continue
+        arrays = np.load(npz)
+        for side in ("image", "text"):
+            idx, tau = arrays[f"{side}_index"], arrays[f"{side}_tau"]
+            keep = np.array([int(i) in rarity for i in idx])
+            x, y = np.array([rarity[int(i)] for i in idx[keep]]), tau[keep]
+            row = {"loss": r["loss"], "seed": r["seed"], "side": side, "n": len(x), "spearman": spearman(x, y)}
+            results.append(row)
+            panels.append((f"{r['loss']} seed {r['seed']}, {side}", x, y))
+    if not panels:
+        return results, None
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, x, y) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        edges = np.quantile(x, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        groups = [y[(x >= lo) & (x <= hi)] for lo, hi in itertools.pairwise(edges)]
+        ax.boxplot(groups, showfliers=False)
+        ax.set_xlabel("attribute rarity quintile (1: most frequent)")
+        ax.set_ylabel("learned tau")
+        ax.set_title(f"{title}\nSpearman {spearman(x, y):+.3f}", fontsize=9)
+    fig.tight_layout()
+    path = RESULTS / "temperatures_q4.png"
+    fig.savefig(path, dpi=110)
+    return results, path
+
+
+def summarise(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
+    parser.add_argument("--skip_q3", action="store_true", help="no clip run at batch 512")
+    args = parser.parse_args()
+    config = yaml.safe_load(CONFIG.read_text())
+    epochs = config["epochs"]
+    RUNS.mkdir(parents=True, exist_ok=True)
+    generator = ROOT / "bimodal_exps" / "data" / "synthetic.py"
+    subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
+    small = [run(loss, SMALL_BATCH, seed, epochs) for seed in args.seeds for loss in args.losses]
+    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in args.seeds]
+    tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and r["seed"] == args.seeds[0]]
+    q4, plot = temperatures_vs_rarity(tempered, rarity_by_index(ROOT / config["data_path"]), epochs)
+
+    m = machine()
+    by_loss = {loss: [r["r_mean"] for r in small if r["loss"] == loss] for loss in args.losses}
+    lines = [
+        "# Q2-Q4: the losses on the synthetic benchmark",
+        "",
+        f"Machine: {machine_line(m)}.",
+        f"Command: `python bench/bench_losses.py --seeds {' '.join(map(str, args.seeds))}`.",
+        f"Protocol (bench/bench_losses.py docstring): the default config, {epochs} epochs, global batch "
+        f"{SMALL_BATCH}, seeds {args.seeds}; test r_mean of the final model (mean ± sd [min-max] over seeds).",
+        "",
+        "## Q2: every loss at batch 64",
+        "",
+        "| loss | test r_mean | runs | wall s per run |",
+        "|---|---|---|---|",
+    ]
+    for loss, values in sorted(by_loss.items(), key=lambda kv: -np.mean(kv[1])):
+        walls = ", ".join(r["wall_s"] for r in small if r["loss"] == loss)
+        lines.append(f"| {loss} | {summarise(values)} | {len(values)} | {walls} |")
+    if large:
+        lines += ["", "## Q3: small-batch GCL against large-batch CLIP (same samples seen)", ""]
+        lines.append(f"- clip at batch {LARGE_BATCH}: {summarise([r['r_mean'] for r in large])}")
+        for loss in ("sogclr", "isogclr", "clip"):
+            if by_loss.get(loss):
+                lines.append(f"- {loss} at batch {SMALL_BATCH}: {summarise(by_loss[loss])}")
+    if q4:
+        lines += ["", "## Q4: learned temperature against attribute rarity", ""]
+        lines += ["| loss | seed | side | samples | Spearman |", "|---|---|---|---|---|"]
+        lines += [f"| {q['loss']} | {q['seed']} | {q['side']} | {q['n']} | {q['spearman']:+.3f} |" for q in q4]
+        if plot:
+            lines += ["", f"Box plot: `bench/results/{plot.name}`."]
+    (RESULTS / "losses.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "losses.json").write_text(
+        json.dumps({"machine": m, "small": small, "large": large, "q4": q4}, indent=2) + "\n"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
