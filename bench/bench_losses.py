@@ -184,12 +184,11 @@ def main() -> None:
         "",
         "## Q2: every loss at batch 64",
         "",
-        "| loss | test r_mean | runs | wall s per run |",
-        "|---|---|---|---|",
+        "| loss | test r_mean | runs |",
+        "|---|---|---|",
     ]
     for loss, values in sorted(by_loss.items(), key=lambda kv: -np.mean(kv[1])):
-        walls = ", ".join(r["wall_s"] for r in small if r["loss"] == loss)
-        lines.append(f"| {loss} | {summarise(values)} | {len(values)} | {walls} |")
+        lines.append(f"| {loss} | {summarise(values)} | {len(values)} |")
     if large:
         lines += ["", "## Q3: small-batch GCL against large-batch CLIP (same samples seen)", ""]
         lines.append(f"- clip at batch {LARGE_BATCH}: {summarise([r['r_mean'] for r in large])}")

@@ -14,6 +14,14 @@ import os
 import signal
 
 import torch.utils.data
+import tqdm
+
+# tqdm starts a monitor thread with each first progress bar (and ends it when the last closes).
+# A fork while another thread is being created can leave the child (a loader worker) blocked
+# for ever on CPython's thread-state lock (seen with Python 3.11 under load: the evaluation
+# loader's worker never started and the job hung). Without the monitor, bars still update;
+# only its adjustment of very slow bars' refresh interval is lost.
+tqdm.tqdm.monitor_interval = 0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Workers run at a lower priority than the training process: where they share cores with its
