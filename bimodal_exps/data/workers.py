@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import torch.utils.data
 import tqdm
 
-# tqdm starts a monitor thread with each first progress bar (and ends it when the last closes).
-# A fork while another thread is being created can leave the child (a loader worker) blocked
-# for ever on CPython's thread-state lock (seen with Python 3.11 under load: the evaluation
-# loader's worker never started and the job hung). Without the monitor, bars still update;
-# only its adjustment of very slow bars' refresh interval is lost.
+# Python threads starting or ending while a worker is forked. CPython 3.11 takes no lock around
+# fork, so a thread that is creating or deleting its thread state at that moment leaves the
+# child blocked for ever on the interpreter's thread-state lock: the worker never starts and the
+# job hangs (seen under load, in the evaluation loader forked right after the training loader
+# shut down). Two sources are removed: tqdm's monitor thread, started with a first progress bar
+# and ended with the last (without it bars still update; only its tuning of very slow bars'
+# refresh is lost), and the feeder threads of a finished loader's queues, which exit after the
+# loader has returned and are waited for before the next fork.
 tqdm.tqdm.monitor_interval = 0
+FEEDER_EXIT_TIMEOUT_S = 5.0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Workers run at a lower priority than the training process: where they share cores with its
@@ -53,8 +58,18 @@ class DataLoader(torch.utils.data.DataLoader):
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
+        _wait_for_feeder_threads()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             return super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _wait_for_feeder_threads() -> None:
+    """Wait until the queue feeder threads of loaders that were shut down have exited (they end
+    within milliseconds of their queue's close); a feeder still serving a live queue only costs
+    the timeout."""
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(FEEDER_EXIT_TIMEOUT_S)
