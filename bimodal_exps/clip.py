@@ -227,6 +227,7 @@ def run(cfg: Namespace) -> int:
         raise
     finally:
         parallel.cleanup_distributed()
+        stop.close()
 
 
 def _user_message(err: Exception) -> str:

@@ -209,3 +209,14 @@ def test_second_ctrl_c_exits_130_without_a_traceback(tiny_dataset, tmp_path):
     output = finish(proc, 130)
     assert "aborted by a second Ctrl-C" in output and "Traceback" not in output
     assert not (out / "checkpoint_latest.pth").exists()
+
+
+def test_a_finished_run_gives_back_the_signal_handlers(tiny_dataset, tmp_path):
+    """clip.main run inside another program (a notebook, a test) leaves its signal handling as
+    it was: a multiprocessing pool forked afterwards still dies of SIGTERM."""
+    import clip
+
+    stop_signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in stop_signals}
+    assert clip.main(tiny_run_args(tiny_dataset, tmp_path / "run", workers=0, epochs=1)) == 0
+    assert {s: signal.getsignal(s) for s in stop_signals} == before

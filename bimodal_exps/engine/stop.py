@@ -24,8 +24,14 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._first_at = 0.0
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def close(self) -> None:
+        """Put back the handlers found at construction: a caller that runs training in its own
+        process (tests, notebooks) gets its signal behaviour back, and processes it forks later
+        (a multiprocessing pool's workers) die of SIGTERM again instead of ignoring it."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
         # only a flag here: the loop logs and acts between steps, outside the handler
