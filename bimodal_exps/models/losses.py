@@ -230,12 +230,16 @@ class _Similarity(torch.autograd.Function):
         return grad_a, grad_b
 
 
+def _positive_columns(b: int, device: torch.device) -> torch.Tensor:
+    """[b] column of each of this rank's b anchors' positive among the gathered global batch."""
+    return torch.arange(b, device=device) + parallel.rank() * b
+
+
 def _gather_similarities(image_feat: torch.Tensor, text_feat: torch.Tensor) -> _GlobalBatch:
     image_feat, text_feat = image_feat.float(), text_feat.float()
     all_image = parallel.all_gather_with_grad(image_feat)
     all_text = parallel.all_gather_with_grad(text_feat)
-    b = image_feat.shape[0]
-    pos = torch.arange(b, device=image_feat.device) + parallel.rank() * b
+    pos = _positive_columns(image_feat.shape[0], image_feat.device)
     sim_img = _Similarity.apply(image_feat, all_text)
     # one process: the text anchors' rows are the columns of the same matrix (no second matmul)
     sim_txt = sim_img.T if parallel.world_size() == 1 else _Similarity.apply(text_feat, all_image)
@@ -418,7 +422,7 @@ class SigLIPLoss(ContrastiveLoss):
         logits = _Similarity.apply(image_feat, all_text) * self.log_scale.exp() + self.bias
         # log sigmoid(z x) for z = -1 everywhere, then the diagonal's z = +1 added back:
         # log sigmoid(x) - log sigmoid(-x) = x
-        pos = torch.arange(b, device=image_feat.device) + parallel.rank() * b
+        pos = _positive_columns(b, image_feat.device)
         negatives = F.logsigmoid(-logits).sum()
         positives = logits.gather(1, pos.unsqueeze(1)).sum()
         loss = -(negatives + positives) / b
