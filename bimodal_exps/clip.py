@@ -103,6 +103,7 @@ def build_trainer(cfg: Namespace, model, steps_per_epoch: int, device: torch.dev
         save_every_steps=cfg.save_every_steps,
         max_bad_fraction=cfg.max_bad_fraction,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
+        accum_freq=cfg.accum_freq,
         config=vars(cfg).copy(),
     )
 
@@ -127,20 +128,24 @@ def train(cfg: Namespace, model, tokenizer, suite, start, device, run_log, stop)
         hflip=cfg.hflip,
         shuffle_buffer=cfg.shuffle_buffer,
     )
-    if data.steps_per_epoch < 1:
+    steps_per_epoch = data.steps_per_epoch // cfg.accum_freq  # optimiser steps
+    if steps_per_epoch < 1:
         raise ConfigError(
             f"an epoch of {data.num_samples} samples holds no full global batch of {cfg.batch_size_train} x "
-            f"{world}; lower --batch_size_train or raise --train_num_samples"
+            f"{world} ranks x {cfg.accum_freq} micro-batches; lower --batch_size_train or --accum_freq, or raise "
+            "--train_num_samples"
         )
-    trainer = build_trainer(cfg, model, data.steps_per_epoch, device, run_log, stop)
+    trainer = build_trainer(cfg, model, steps_per_epoch, device, run_log, stop)
     log.info(
-        "training %s: %d epochs x %d steps, global batch %d (%d per rank x %d ranks), %d samples per epoch",
+        "training %s: %d epochs x %d steps, global batch %d (%d per rank x %d ranks x %d micro-batches), "
+        "%d samples per epoch",
         cfg.ita_type,
         cfg.epochs,
-        data.steps_per_epoch,
-        cfg.batch_size_train * world,
+        steps_per_epoch,
+        cfg.batch_size_train * world * cfg.accum_freq,
         cfg.batch_size_train,
         world,
+        cfg.accum_freq,
         data.num_samples,
     )
     done = engine_run.train(

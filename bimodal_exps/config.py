@@ -146,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_size_train",
         type=int,
         default=128,
-        help="per-rank training batch; global batch = this x world size",
+        help="per-rank training (micro-)batch; global batch = this x world size x --accum_freq",
+    )
+    g.add_argument(
+        "--accum_freq",
+        type=int,
+        default=1,
+        help="micro-batches per optimiser step: exactly one step on the whole global batch, with the "
+        "encoders' memory of one micro-batch (ALGORITHMS.md 10)",
     )
     g.add_argument("--batch_size_test", type=int, default=256, help="per-rank evaluation batch")
     g.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
@@ -298,6 +305,8 @@ def validate(cfg: argparse.Namespace) -> None:
             f"--batch_size_train {cfg.batch_size_train}: a contrastive loss needs at least 2 samples per rank "
             "(the other samples of the batch are the negatives); use 2 or more"
         )
+    if cfg.accum_freq < 1:
+        raise ConfigError(f"--accum_freq {cfg.accum_freq}: the number of micro-batches per step must be 1 or more")
     if cfg.data_size is None or cfg.data_size < 1:
         raise ConfigError("--data_size must be a positive number of sample indices (CC3M: 3318333)")
     if not cfg.evaluate:

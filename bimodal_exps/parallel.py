@@ -109,6 +109,33 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
 
 
+@torch.no_grad()
+def average_gradients(params: list[torch.Tensor], bucket_elements: int = 2**24) -> None:
+    """Average ``p.grad`` over ranks in place, as DDP does: all-reduces of flat buckets of at
+    most ``bucket_elements`` values per dtype. Every rank must hold the same parameters with
+    gradients; those without one are skipped."""
+    if world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        buckets, size = [[]], 0
+        for grad in grads:
+            if size + grad.numel() > bucket_elements and buckets[-1]:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(grad)
+            size += grad.numel()
+        for bucket in buckets:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= world_size()
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
+
+
 def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device | str = "cpu") -> dict[str, float]:
     """Means over ranks of scalars (floats or 0-dim tensors): one all-reduce, one device sync."""
     if not values:

@@ -26,11 +26,17 @@ class ContrastiveStep(nn.Module):
         self.model, self.loss, self.amp_dtype = model, loss, amp_dtype
 
     def forward(self, image, input_ids, attention_mask, image_idx, text_idx) -> LossOutput:
-        device_type = image.device.type
-        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        return self.loss_on(*self.embed(image, input_ids, attention_mask), image_idx, text_idx)
+
+    def embed(self, image, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text features [b, d], float32, from the encoders under autocast."""
+        with torch.autocast(image.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             image_feat, text_feat = self.model(image, input_ids, attention_mask, self.loss.normalized_features)
-        with torch.autocast(device_type, enabled=False):  # the loss always runs in float32
-            return self.loss.compute(image_feat.float(), text_feat.float(), image_idx, text_idx)
+        return image_feat.float(), text_feat.float()
+
+    def loss_on(self, image_feat, text_feat, image_idx, text_idx) -> LossOutput:
+        with torch.autocast(image_feat.device.type, enabled=False):  # the loss always runs in float32
+            return self.loss.compute(image_feat, text_feat, image_idx, text_idx)
 
 
 def wrap_for_training(step: ContrastiveStep, device: torch.device) -> nn.Module:

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 import parallel
+from engine.accumulate import accumulate_gradients
 from engine.checkpoint import CheckpointDir
 from engine.run_log import RunLog
 from engine.step import ContrastiveStep, broadcast_buffers, wrap_for_training
@@ -182,6 +183,7 @@ class Trainer:
         save_every_steps: int = 0,
         max_bad_fraction: float = 0.1,
         max_nonfinite_steps: int = 20,
+        accum_freq: int = 1,
         config: dict | None = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.scheduler, self.scaler = (
@@ -195,7 +197,7 @@ class Trainer:
         self.ddp = wrap_for_training(self.step_module, device)
         self.device, self.run_log, self.checkpoints, self.stop = device, run_log, checkpoints, stop
         self.log_every, self.grad_clip, self.save_every_steps = log_every, grad_clip, save_every_steps
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.max_nonfinite_steps, self.accum_freq = max_nonfinite_steps, accum_freq
         self.config = config or {}
         self.progress = Progress()
         self.best = {"r_mean": -1.0, "epoch": -1}
@@ -238,6 +240,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "best": dict(self.best),
             "world_size": parallel.world_size(),
+            "accum_freq": self.accum_freq,
             "per_rank": per_rank,
             "config": self.config,
         }
@@ -253,17 +256,20 @@ class Trainer:
         vars(self.progress).update(state["progress"])  # in place: callers may hold self.progress
         self.outcomes.restore(self.progress.skipped_steps, self.progress.amp_skipped_steps)
         self.best = dict(state["best"])
-        if state["world_size"] == parallel.world_size():
+        saved_accum = state.get("accum_freq", 1)  # checkpoints from before --accum_freq: 1
+        if state["world_size"] == parallel.world_size() and saved_accum == self.accum_freq:
             mine = state["per_rank"][parallel.rank()]
             self.data_position = mine["data_position"]
             self.bad_data.load_state_dict(mine["bad_data"])
             _set_rng_state(mine["rng"], self.device)
         elif self.progress.epoch_step:
             log.warning(
-                "the checkpoint was written by %d ranks, this run has %d: epoch %d restarts from its first "
-                "batch (its %d finished steps stay trained)",
+                "the checkpoint was written by %d ranks with --accum_freq %d, this run has %d and %d: epoch %d "
+                "restarts from its first batch (its %d finished steps stay trained)",
                 state["world_size"],
+                saved_accum,
                 parallel.world_size(),
+                self.accum_freq,
                 self.progress.epoch,
                 self.progress.epoch_step,
             )
@@ -282,12 +288,17 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
 
+    def steps_per_epoch(self, batches: int) -> int:
+        """Optimiser steps in an epoch of ``batches`` batches per rank (``accum_freq`` each; the
+        last ``batches % accum_freq`` batches are left out)."""
+        return batches // self.accum_freq
+
     def train_epoch(self, data) -> bool:
-        """Continue the current epoch to its end: ``data.steps_per_epoch`` steps, the same on
-        every rank. Returns False when a stop signal ended it early (after saving a
-        checkpoint), True when the epoch is complete."""
+        """Continue the current epoch to its end: ``steps_per_epoch(data.steps_per_epoch)``
+        steps of ``accum_freq`` batches, the same on every rank. Returns False when a stop
+        signal ended it early (after saving a checkpoint), True when the epoch is complete."""
         progress = self.progress
-        steps = data.steps_per_epoch
+        steps = self.steps_per_epoch(data.steps_per_epoch)
         self.step_module.train()
         self.loss_fn.set_epoch(progress.epoch)
         data.set_epoch(progress.epoch, self.data_position)
@@ -305,22 +316,26 @@ class Trainer:
                     )
                     self.save_step_checkpoint()
                     return False
-                wait_start = time.perf_counter()
-                batch = next(iterator, None)
-                if batch is None:
-                    raise TrainingError(
-                        f"rank {parallel.rank()}: the training data ended after {progress.epoch_step} of the "
-                        f"{steps} steps of epoch {progress.epoch}"
-                    )
-                window.data_wait += time.perf_counter() - wait_start
-                self.data_position = data.advance(self.data_position, batch)
-                self.bad_data.add(batch)
-                out = self._step(batch)
+                micro_batches = []
+                for _ in range(self.accum_freq):
+                    wait_start = time.perf_counter()
+                    batch = next(iterator, None)
+                    if batch is None:
+                        raise TrainingError(
+                            f"rank {parallel.rank()}: the training data ended after {progress.epoch_step} of the "
+                            f"{steps} steps of epoch {progress.epoch}"
+                        )
+                    window.data_wait += time.perf_counter() - wait_start
+                    self.data_position = data.advance(self.data_position, batch)
+                    self.bad_data.add(batch)
+                    micro_batches.append(batch)
+                out = self._step(micro_batches)
+                samples = sum(len(batch["image_idx"]) for batch in micro_batches) * world
                 progress.step += 1
                 progress.epoch_step += 1
-                progress.samples_seen += len(batch["image_idx"]) * world
+                progress.samples_seen += samples
                 window.steps += 1
-                window.samples += len(batch["image_idx"]) * world
+                window.samples += samples
                 bar.update(1)
                 if progress.step % self.log_every == 0 or progress.epoch_step == steps:
                     self._log(window, out, bar)
@@ -343,14 +358,18 @@ class Trainer:
             return False
         return parallel.any_rank(self.stop.requested, device=self.device)[0]
 
-    def _step(self, batch: dict) -> LossOutput:
-        """Forward, loss, backward, optimiser step. A non-finite loss, loss state or gradient (or
-        an fp16 overflow) skips the update and leaves the loss state as it was; the decision
-        stays on the device."""
-        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_TENSORS}
-        out = self.ddp(**inputs)
+    def _step(self, micro_batches: list[dict]) -> LossOutput:
+        """Forward, loss, backward, optimiser step on the concatenation of ``micro_batches``
+        (one: through DDP; several: ``engine.accumulate``, exactly the same step). A non-finite
+        loss, loss state or gradient (or an fp16 overflow) skips the update and leaves the loss
+        state as it was; the decision stays on the device."""
+        inputs = [{k: batch[k].to(self.device, non_blocking=True) for k in BATCH_TENSORS} for batch in micro_batches]
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
+        if len(inputs) == 1:
+            out = self.ddp(**inputs[0])
+            self.scaler.scale(out.loss).backward()
+        else:
+            out = accumulate_gradients(self.step_module, inputs, self.scaler.scale)
         self.scaler.unscale_(self.optimizer)
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
