@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from data.shards import is_url
 from models.losses import LOSS_ALIASES, LOSS_PRESETS, LOSSES, loss_hparam_fields
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ann_path", default="clip_train", help="folder of the annotation JSON files")
     g.add_argument(
         "--train_data",
-        help="webdataset shards: brace spec ('cc3m/{00000..00331}.tar'), a folder, or specs joined by '::'",
+        help="webdataset shards: brace spec ('cc3m/{00000..00331}.tar'), a folder, 'pipe:COMMAND' or "
+        "http(s):// URLs (braces expanded; epoch length from --train_num_samples), or specs joined by '::'",
     )
     g.add_argument("--train_file", help="caption JSON training file (under --ann_path), instead of --train_data")
     g.add_argument("--train_image_root", help="image folder of --train_file")
@@ -287,7 +289,8 @@ def resolve(cfg: argparse.Namespace) -> None:
     for name in ("train_image_root", "coco_image_root", "flickr_image_root", "zs_datafolder"):
         setattr(cfg, name, _resolve(cfg.data_path, getattr(cfg, name)))
     if cfg.train_data:
-        cfg.train_data = "::".join(_resolve(cfg.data_path, s) for s in cfg.train_data.split("::"))
+        parts = cfg.train_data.split("::")  # URLs (pipe:, http://) stay as they are
+        cfg.train_data = "::".join(s if is_url(s.strip()) else _resolve(cfg.data_path, s) for s in parts)
     for name in ("train_file", "val_coco_file", "test_coco_file", "val_flickr_file", "test_flickr_file"):
         setattr(cfg, name, _resolve(cfg.ann_path, getattr(cfg, name)))
     if cfg.precision is None:

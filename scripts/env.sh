@@ -10,7 +10,7 @@
 
 _env_root=$(pwd)
 _env_req=${ENV_REQUIREMENTS:-requirements.txt}
-_env_modules="torch torchvision timm transformers tokenizers webdataset numpy PIL yaml tqdm tensorboard matplotlib pyarrow"
+_env_modules="torch torchvision timm transformers tokenizers braceexpand numpy PIL yaml tqdm tensorboard matplotlib pyarrow"
 [ "$_env_req" = "requirements-dev.txt" ] && _env_modules="$_env_modules pytest"
 
 _env_missing() {  # prints the modules that $1 cannot import

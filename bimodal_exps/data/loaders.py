@@ -3,6 +3,7 @@ position within an epoch that makes a mid-epoch resume exact."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import islice
 
@@ -15,14 +16,18 @@ from data.shards import (
     check_keys_from_metadata,
     decode_sample,
     expand_shards,
+    is_url,
     read_shard,
     shard_sizes,
 )
 from data.transforms import TrainAugment
 from data.workers import DataLoader
 
-# Raw samples read before giving up on finding one usable sample at start-up.
+# Raw samples, and shards from the start of the list, read before giving up on finding one
+# usable sample at start-up. The shard limit matters for URLs: with wrong credentials every
+# pipe: command fails, and trying a thousand of them would take many minutes.
 PROBE_SAMPLES = 1000
+PROBE_SHARDS = 10
 
 # Settings a data position depends on, with the flag that sets each, for error messages.
 POSITION_SETTINGS = {
@@ -181,9 +186,14 @@ def build_train_data(
         if num_samples is None and sizes is not None:
             num_samples = sum(sizes)
         if num_samples is None:
+            why = (
+                "its shards are URLs (pipe:, http://), whose _stats.json files are not read"
+                if any(map(is_url, shards))
+                else "some shards have no _stats.json beside them"
+            )
             raise ValueError(
-                f"{train_data}: some shards have no _stats.json beside them, so the epoch length is "
-                "unknown; pass --train_num_samples (the number of samples in the shards)"
+                f"{train_data}: {why}, so the epoch length is unknown; "
+                "pass --train_num_samples (the number of samples in the shards)"
             )
         steps_per_epoch = num_samples // (batch_size * world_size)
         stream = ShardStream(
@@ -259,20 +269,23 @@ def _check_settings(
 
 
 def _probe_shards(shards: list[str], data_size: int, transform, max_words: int) -> None:
-    """Fail before training when the first readable samples are all unusable.
+    """Fail before training when the first readable samples of the first ``PROBE_SHARDS``
+    shards are all unusable.
 
     Stops at the first good sample, so a healthy data set costs one decode. Bad keys
     (non-numeric, beyond ``data_size``) near the start also surface here.
     """
     skipped = Skips()
-    raw = (sample for shard in shards for sample in read_shard(shard, data_size, skipped))
-    for sample in islice(raw, PROBE_SAMPLES):
-        try:
-            decode_sample(sample, transform, max_words, seed=0)
-            return
-        except BadSampleError as bad:
-            skipped.add(bad.kind, sample.shard)
+    probed = shards[:PROBE_SHARDS]
+    raw = (sample for shard in probed for sample in read_shard(shard, data_size, skipped))
+    with closing(raw):  # ends the command of a pipe: shard left half read
+        for sample in islice(raw, PROBE_SAMPLES):
+            try:
+                decode_sample(sample, transform, max_words, seed=0)
+                return
+            except BadSampleError as bad:
+                skipped.add(bad.kind, sample.shard)
     raise ValueError(
-        f"no usable image-caption sample at the start of the {len(shards)} shard(s) beginning with "
+        f"no usable image-caption sample at the start of the {len(probed)} shard(s) beginning with "
         f"{shards[0]} (skipped: {dict(skipped.kinds)}); check --train_data"
     )

@@ -10,12 +10,16 @@ is seeded from ``(seed, epoch, rank, worker)`` and the position in the shuffled 
 the batch sequence is a function of the arguments alone, and an epoch can be resumed after
 any batch (see :class:`ShardStream`). Bad samples are skipped and counted per kind and per
 shard; they never stop the run.
+
+Shards are local tars or, as webdataset users name them (DATA.md 7), ``pipe:COMMAND`` (the tar
+is the command's standard output) and ``http(s)://`` URLs; see :func:`open_shard`.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import http.client
 import itertools
 import json
 import logging
@@ -23,8 +27,13 @@ import math
 import os
 import random
 import re
+import signal
+import subprocess
 import tarfile
+import tempfile
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import BinaryIO
@@ -51,14 +60,37 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 _KEY = re.compile(r"[0-9]+")
 _SHUFFLE, _AUGMENT = 0, 1  # the two uses of a worker stream's seed
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_HTTP = ("http://", "https://")
+# A stalled server counts its shard as bad after this long without data, instead of blocking a worker.
+HTTP_TIMEOUT_S = 60.0
+# After a failed read, how long a command may take to end by itself, so that its exit status
+# can be reported, before it is killed.
+COMMAND_GRACE_S = 1.0
+STDERR_SHOWN = 1000  # characters of a failed command's stderr quoted in the warning
+
+
+def is_url(shard: str) -> bool:
+    """True for a shard named by ``pipe:COMMAND`` or ``scheme://...`` rather than a local path."""
+    return shard.startswith("pipe:") or _SCHEME.match(shard) is not None
+
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths from ``dir/{00000..00019}.tar``, a directory of ``*.tar``, a single tar,
-    or several of these joined by ``::``. Every path must exist."""
+    """Shards from ``dir/{00000..00019}.tar``, a directory of ``*.tar``, a single tar,
+    ``pipe:COMMAND`` or ``http(s)://`` URLs (braces expanded over the whole URL), or several
+    of these joined by ``::``. Every local path must exist; URLs are only checked when read."""
     paths: list[str] = []
     missing: list[str] = []
     for part in (p.strip() for p in spec.split("::")):
         if not part:
+            continue
+        if is_url(part):
+            if not (part.startswith("pipe:") or part.lower().startswith(_HTTP)):
+                raise ValueError(
+                    f"cannot open {part!r}: shards are local paths, pipe:COMMAND or http(s):// URLs; for other "
+                    "storage let a command print the tar, e.g. 'pipe:aws s3 cp s3://bucket/{00000..00099}.tar -'"
+                )
+            paths += braceexpand.braceexpand(part)
             continue
         part = os.path.expanduser(part)
         if os.path.isdir(part):
@@ -83,7 +115,10 @@ def stats_path(shard: str) -> str:
 
 
 def shard_sizes(shards: list[str]) -> list[int] | None:
-    """``successes`` of the ``_stats.json`` file beside each shard; None if any is missing."""
+    """``successes`` of the ``_stats.json`` file beside each shard; None if any is missing
+    (always for URL shards, whose stats files are not read)."""
+    if any(map(is_url, shards)):
+        return None
     sizes = []
     for shard in shards:
         path = stats_path(shard)
@@ -110,9 +145,15 @@ def check_keys_from_metadata(shards: list[str], data_size: int) -> int | None:
     """Largest sample key listed in the ``.parquet`` metadata beside the shards (img2dataset
     writes one per tar), checked against ``data_size`` before any sample is read.
 
-    Returns None when some shard has no parquet file; the keys are then checked as samples
-    are read.
+    Returns None when some shard has no parquet file or is a URL; the keys are then checked as
+    samples are read.
     """
+    if any(map(is_url, shards)):
+        logger.info(
+            "--train_data names shards by URL: no .parquet metadata is read to check the sample keys against "
+            "--data_size before training; they are checked as samples are read"
+        )
+        return None
     largest, where = -1, None
     for shard in shards:
         path = os.path.splitext(shard)[0] + ".parquet"
@@ -233,17 +274,97 @@ def _checksum_ok(header: bytes) -> bool:
     return want == int(signed[:148].sum() + signed[156:].sum()) + 256
 
 
-def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]:
-    """Stream the samples of one tar (plain or gzip-compressed) in file order.
+@contextmanager
+def open_shard(shard: str) -> Iterator[BinaryIO]:
+    """The bytes of a local tar, of a ``pipe:COMMAND``'s standard output, or of an
+    ``http(s)://`` response body.
 
-    A shard that cannot be opened or read to the end counts once as ``bad_shard`` in
-    ``skipped`` (with a warning); the samples completed before the fault are kept, the one
-    being read is dropped.
+    Leaving the block normally means the tar was read to its end: the rest of the stream is
+    read then, and OSError (or http.client.HTTPException) is raised when the command failed or
+    the body was cut short. Leaving it early (an exception, or the reading generator closed)
+    ends a command at once and reaps it, so no process outlives its reader.
+    """
+    if shard.startswith("pipe:"):
+        with _command_output(shard[len("pipe:") :]) as stream:
+            yield stream
+    elif shard.lower().startswith(_HTTP):
+        # urlopen raises HTTPError, an OSError, for a status such as 404.
+        with urllib.request.urlopen(shard, timeout=HTTP_TIMEOUT_S) as response:
+            yield response
+            response.read()  # the tar's end blocks; raises IncompleteRead when the body is short
+    else:
+        with open(shard, "rb") as stream:
+            yield stream
+
+
+@contextmanager
+def _command_output(command: str) -> Iterator[BinaryIO]:
+    """Standard output of a shell command (see :func:`open_shard`)."""
+    with tempfile.TemporaryFile() as stderr:
+        # A shell, as webdataset runs pipe: URLs, since the spec is a command line (quoting,
+        # pipes); in a process group of its own, so that a kill ends every process of a pipeline.
+        # stderr goes to a file, which cannot fill up and block the command as an unread pipe would.
+        process = subprocess.Popen(
+            command,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            yield process.stdout
+            # The tar ends before the stream does (end-of-archive blocks, record padding): read
+            # it all, so that the command is not ended by SIGPIPE and its exit status means success.
+            while process.stdout.read(1 << 16):
+                pass
+        except Exception as error:
+            status = _end_command(process, COMMAND_GRACE_S)
+            if status > 0:  # the command failed by itself (a signal may be the kill above)
+                raise OSError(f"{error}; {_command_failure(status, stderr)}") from error
+            raise
+        except BaseException:  # the reader stopped early (GeneratorExit) or the run is interrupted
+            _end_command(process, 0)
+            raise
+        status = _end_command(process, None)
+        if status != 0:
+            raise OSError(_command_failure(status, stderr))
+
+
+def _end_command(process: subprocess.Popen, grace: float | None) -> int:
+    """Close the command's output, wait up to ``grace`` seconds (None: until it exits), then kill
+    its process group if it still runs; its exit status, once reaped."""
+    process.stdout.close()  # a command still writing ends by SIGPIPE
+    try:
+        return process.wait(grace)
+    except subprocess.TimeoutExpired:
+        # SIGKILL: loader workers ignore SIGTERM (data.workers), and the commands they start inherit that.
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def _command_failure(status: int, stderr: BinaryIO) -> str:
+    """How the command ended, with the end of what it wrote to stderr."""
+    stderr.seek(0, os.SEEK_END)
+    stderr.seek(max(0, stderr.tell() - STDERR_SHOWN))
+    message = stderr.read().decode("utf-8", "replace").strip()
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    return f"the command {how}" + (f": {message}" if message else " (nothing on stderr)")
+
+
+def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]:
+    """Stream the samples of one tar (plain or gzip-compressed; a path or URL, see
+    :func:`open_shard`) in file order.
+
+    A shard that cannot be opened or read to the end (an unreadable file, a failed command, an
+    HTTP error) counts once as ``bad_shard`` in ``skipped`` (with a warning); the samples
+    completed before the fault are kept, the one being read is dropped.
     """
     kept = (*IMAGE_SUFFIXES, "txt")
     key, members = None, {}
     try:
-        with open(path, "rb") as raw:
+        with open_shard(path) as raw:
             stream = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
             for name, read in tar_members(stream):
                 dirname, _, name = name.rpartition("/")
@@ -257,7 +378,7 @@ def read_shard(path: str, data_size: int, skipped: Skips) -> Iterator[RawSample]
                 suffix = suffix.lower()
                 if suffix in kept:
                     members[suffix] = read()
-    except (OSError, EOFError, UnicodeDecodeError, tarfile.TarError) as error:
+    except (OSError, EOFError, UnicodeDecodeError, tarfile.TarError, http.client.HTTPException) as error:
         logger.warning("skipping the rest of shard %s: %s: %s", path, type(error).__name__, error)
         skipped.add("bad_shard", path)
         return
@@ -465,40 +586,43 @@ class ShardStream(IterableDataset):
         if made >= quota:
             return
         skipped = Skips()  # bad samples since the last good one
-        samples = self._passes(worker, skipped)
-        # The augmentation seed depends only on the offset in the shuffled sequence, so a
-        # resume skips consumed samples without decoding them.
-        for _ in islice(samples, start):
-            pass
-        skipped.take()  # shard faults met while skipping were reported with the consumed batches
-        pairs: list[Pair] = []
-        total = Skips()
-        current_pass, whole_pass, good_in_pass = None, start == 0, 0
-        for offset, (n_pass, sample) in enumerate(samples, start):
-            if n_pass != current_pass:
-                if current_pass is not None and whole_pass and not good_in_pass:
-                    raise ValueError(
-                        f"rank {self.rank} worker stream {worker}: no usable sample in a whole pass over its "
-                        f"shards ({', '.join(self.worker_shards(worker))}; skipped: {dict(skipped.kinds)}); "
-                        "check --train_data"
-                    )
-                whole_pass = whole_pass or current_pass is not None
-                current_pass, good_in_pass = n_pass, 0
-            seed = derive_seed(self.seed, self.epoch, self.rank, worker, _AUGMENT, offset)
-            try:
-                pair = decode_sample(sample, self.transform, self.max_words, seed)
-            except BadSampleError as bad:
-                skipped.add(bad.kind, sample.shard)
-                continue
-            good_in_pass += 1
-            pairs.append(replace(pair, skipped=skipped.take()))
-            total.update(pairs[-1].skipped)
-            if len(pairs) == self.batch_size:
-                made += 1
-                yield {**self.collate(pairs), "worker": worker, "consumed": offset + 1, "worker_done": made == quota}
-                pairs = []
-                if made == quota:
-                    break
+        # closing: a pipe: shard's command is ended as soon as the stream has made its share,
+        # not whenever the generator happens to be collected.
+        with closing(self._passes(worker, skipped)) as samples:
+            # The augmentation seed depends only on the offset in the shuffled sequence, so a
+            # resume skips consumed samples without decoding them.
+            for _ in islice(samples, start):
+                pass
+            skipped.take()  # shard faults met while skipping were reported with the consumed batches
+            pairs: list[Pair] = []
+            total = Skips()
+            current_pass, whole_pass, good_in_pass = None, start == 0, 0
+            for offset, (n_pass, sample) in enumerate(samples, start):
+                if n_pass != current_pass:
+                    if current_pass is not None and whole_pass and not good_in_pass:
+                        raise ValueError(
+                            f"rank {self.rank} worker stream {worker}: no usable sample in a whole pass over its "
+                            f"shards ({', '.join(self.worker_shards(worker))}; skipped: {dict(skipped.kinds)}); "
+                            "check --train_data"
+                        )
+                    whole_pass = whole_pass or current_pass is not None
+                    current_pass, good_in_pass = n_pass, 0
+                seed = derive_seed(self.seed, self.epoch, self.rank, worker, _AUGMENT, offset)
+                try:
+                    pair = decode_sample(sample, self.transform, self.max_words, seed)
+                except BadSampleError as bad:
+                    skipped.add(bad.kind, sample.shard)
+                    continue
+                good_in_pass += 1
+                pairs.append(replace(pair, skipped=skipped.take()))
+                total.update(pairs[-1].skipped)
+                if len(pairs) == self.batch_size:
+                    made += 1
+                    done = made == quota
+                    yield {**self.collate(pairs), "worker": worker, "consumed": offset + 1, "worker_done": done}
+                    pairs = []
+                    if done:
+                        break
         if total:
             logger.warning(
                 "rank %d worker stream %d skipped bad samples in epoch %d: %s",
