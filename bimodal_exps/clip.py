@@ -85,6 +85,8 @@ def build_trainer(cfg: Namespace, model, steps_per_epoch: int, device: torch.dev
     loss_fn = build_loss(
         cfg.ita_type, data_size=cfg.data_size, epochs=cfg.epochs, embed_dim=cfg.embed_dim, **loss_hparams(cfg)
     ).to(device)
+    if cfg.state_sharding == "owner":
+        loss_fn.shard_state(parallel.rank(), parallel.world_size())
     optimizer = build_optimizer(cfg.opt, model, loss_fn, cfg.lr, cfg.weight_decay)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
     return Trainer(
@@ -136,16 +138,16 @@ def train(cfg: Namespace, model, tokenizer, suite, start, device, run_log, stop)
             "--train_num_samples"
         )
     trainer = build_trainer(cfg, model, steps_per_epoch, device, run_log, stop)
+    micro = f" x {cfg.accum_freq} micro-batches" if cfg.accum_freq > 1 else ""
     log.info(
-        "training %s: %d epochs x %d steps, global batch %d (%d per rank x %d ranks x %d micro-batches), "
-        "%d samples per epoch",
+        "training %s: %d epochs x %d steps, global batch %d (%d per rank x %d ranks%s), %d samples per epoch",
         cfg.ita_type,
         cfg.epochs,
         steps_per_epoch,
         cfg.batch_size_train * world * cfg.accum_freq,
         cfg.batch_size_train,
         world,
-        cfg.accum_freq,
+        micro,
         data.num_samples,
     )
     done = engine_run.train(

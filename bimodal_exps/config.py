@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss", "each loss's hyperparameters, declared once beside it (models/losses.py)")
     names = sorted([*LOSSES, *LOSS_ALIASES])
     g.add_argument("--ita_type", default="isogclr", help=f"loss: one of {', '.join(names)}")
+    g.add_argument(
+        "--state_sharding",
+        default="owner",
+        choices=["owner", "replicated"],
+        help="per-sample loss state with several ranks: 'owner' keeps index a on rank a mod W only (1/W of "
+        "the memory, exact, ALGORITHMS.md 11), 'replicated' the whole state on every rank; checkpoints are "
+        "the same either way",
+    )
     for field in loss_hparam_fields().values():
         _add_hparam_flag(g, field)
 

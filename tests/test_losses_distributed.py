@@ -8,6 +8,7 @@ loss-parameter gradients (mean over ranks) and every rank's full state after eve
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from datetime import timedelta
@@ -46,6 +47,7 @@ HP = {
     "lr_tau": 0.02,
     "rho": 6.5,
 }
+LAYOUTS = ("replicated", "owner")  # of the per-sample state (ALGORITHMS.md 11)
 CASES = {
     "clip": ("clip", {**HP, "temp": 0.05}),
     "clip-learnable": ("clip", {**HP, "temp": 0.02, "learnable_temp": True}),
@@ -91,10 +93,18 @@ def make_steps() -> list[dict]:
     return steps
 
 
-def run_steps(loss_name: str, hp: dict, steps: list[dict], rows: slice) -> list[dict]:
-    """Feed ``rows`` of every step to one loss module; per step: loss, gradients, state."""
+def run_steps(
+    loss_name: str, hp: dict, steps: list[dict], rows: slice, sharded: bool = False, start: dict | None = None
+) -> list[dict]:
+    """Feed ``rows`` of every step to one loss module (``sharded``: its per-sample state
+    owner-sharded over the ranks; ``start``: a state_dict to begin from); per step: loss,
+    gradients, whole state."""
     torch.manual_seed(0)  # the same initial temperature networks on every rank and in the reference
     loss_fn = build_loss(loss_name, data_size=N, embed_dim=DIM, **hp)
+    if sharded:
+        loss_fn.shard_state(dist.get_rank(), dist.get_world_size())
+    if start is not None:
+        loss_fn.load_state_dict(start)
     results = []
     for step in steps:
         loss_fn.set_epoch(step["epoch"])
@@ -127,8 +137,35 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, steps: list[dict]
     try:
         local = BATCH // world
         rows = slice(rank * local, (rank + 1) * local)
-        results = {case: run_steps(name, hp, steps, rows) for case, (name, hp) in CASES.items()}
+        results = {
+            (case, layout): run_steps(name, hp, steps, rows, sharded=layout == "owner")
+            for case, (name, hp) in CASES.items()
+            for layout in LAYOUTS
+        }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume_main(rank: int, world: int, port: int, out_dir: str, steps: list[dict], resume: bool) -> None:
+    """Two steps with sharded state, saving the whole state (rank 0); or, ``resume``: load it
+    and take the last step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        local = BATCH // world
+        rows = slice(rank * local, (rank + 1) * local)
+        saved = Path(out_dir) / "state.pt"
+        for case, (name, hp) in CASES.items():
+            if resume:
+                start = torch.load(saved, weights_only=True)[case]
+                results = run_steps(name, hp, steps[2:], rows, sharded=True, start=start)
+                torch.save(results, Path(out_dir) / f"{case}-W{world}-rank{rank}.pt")
+            else:
+                state = run_steps(name, hp, steps[:2], rows, sharded=True)[-1]["state"]
+                if rank == 0:
+                    whole = torch.load(saved, weights_only=True) if saved.exists() else {}
+                    torch.save({**whole, case: state}, saved)
     finally:
         dist.destroy_process_group()
 
@@ -139,12 +176,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(world: int, out_dir: Path, steps: list[dict], timeout_s: float = 180.0) -> None:
-    """Run ``_rank_main`` on ``world`` processes; a child's exception (with its traceback) or a
-    hang fails the test."""
+def spawn_ranks(world: int, out_dir: Path, steps: list[dict], timeout_s: float = 180.0, main=None, *extra) -> None:
+    """Run ``main`` (default ``_rank_main``) on ``world`` processes; a child's exception (with
+    its traceback) or a hang fails the test."""
     context = mp.start_processes(
-        _rank_main,
-        args=(world, free_port(), str(out_dir), steps),
+        main or _rank_main,
+        args=(world, free_port(), str(out_dir), steps, *extra),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -175,11 +212,11 @@ def test_ranks_match_single_process(world, tmp_path):
     steps = make_steps()
     spawn_ranks(world, tmp_path, steps)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for case, (name, hp) in CASES.items():
+    for (case, (name, hp)), layout in itertools.product(CASES.items(), LAYOUTS):
         single = run_steps(name, hp, steps, slice(None))
         for step, want in enumerate(single):
-            what = f"{case} W={world} step {step}"
-            got = [ranks[case][step] for ranks in per_rank]
+            what = f"{case} W={world} {layout} state step {step}"
+            got = [ranks[case, layout][step] for ranks in per_rank]
             mean_loss = torch.stack([g["loss"] for g in got]).mean()
             assert_matches(mean_loss, want["loss"], RTOL, f"{what} mean loss over ranks", scale_floor=1.0)
             for key in ("grad_image", "grad_text"):
@@ -189,5 +226,27 @@ def test_ranks_match_single_process(world, tmp_path):
             for param, grad in want["param_grads"].items():
                 mean_grad = torch.stack([g["param_grads"][param] for g in got]).mean(0)
                 assert_matches(mean_grad, grad, RTOL, f"{what} mean d loss/d {param} over ranks")
+            for r, g in enumerate(got):
+                check_state(g["state"], want["state"], f"{what} rank {r}")
+
+
+def test_state_resumes_on_another_number_of_ranks(tmp_path):
+    """TARGETS S3: the whole state saved by 2 ranks with owner-sharded state, loaded by 1 and by 3
+    ranks (their own shards), continues exactly as one process that never stopped."""
+    steps = make_steps()
+    spawn_ranks(2, tmp_path, steps, 180.0, _resume_main, False)
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    for world in (1, 3):
+        spawn_ranks(world, tmp_path, steps, 180.0, _resume_main, True)
+    for case, (name, hp) in CASES.items():
+        single = run_steps(name, hp, steps, slice(None))
+        if single[1]["state"]:
+            check_state(saved[case], single[1]["state"], f"{case} saved by 2 ranks")
+        want = single[2]
+        for world in (1, 3):
+            got = [torch.load(tmp_path / f"{case}-W{world}-rank{r}.pt")[0] for r in range(world)]
+            what = f"{case} resumed on {world} rank(s)"
+            mean_loss = torch.stack([g["loss"] for g in got]).mean()
+            assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
             for r, g in enumerate(got):
                 check_state(g["state"], want["state"], f"{what} rank {r}")

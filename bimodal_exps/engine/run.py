@@ -122,8 +122,10 @@ def train(
         if is_best:
             trainer.best = {"r_mean": val[0] if val else -1.0, "epoch": epoch}
         trainer.save_epoch_checkpoint(epoch, is_best)
-        if parallel.is_main_process() and hasattr(loss_fn, "temperatures"):
-            save_temperatures(loss_fn.temperatures(), output_dir, epoch)
+        if hasattr(loss_fn, "temperatures"):
+            temperatures = loss_fn.temperatures()  # every rank: owner-sharded, a collective call
+            if parallel.is_main_process():
+                save_temperatures(temperatures, output_dir, epoch)
         if parallel.any_rank(trainer.stop.requested, device=trainer.device)[0]:
             log.warning("stopping after epoch %d (checkpoint saved)", epoch)
             return False

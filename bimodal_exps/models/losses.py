@@ -11,10 +11,13 @@ Per-sample state (``u``, ``tau``, momentum) lives in buffers indexed by dataset 
 ``compute`` returns the step's new values for every sample of the global batch as a
 :class:`StateUpdate`, which writes nothing until ``commit``: the trainer commits it only when
 the optimiser step is taken, so a skipped step (non-finite loss, fp16 overflow) leaves the
-state as it was. After a commit every rank holds the same state, so any rank's
-``state_dict()`` is complete. An index that occurs several times in one global batch: all
-occurrences compute from the state before the step, and the value kept is that of the last
-occurrence in global batch order (rank 0 first).
+state as it was. Replicated (the default), every rank holds the whole state, the same after
+every commit. Owner-sharded (:meth:`ContrastiveLoss.shard_state`, ALGORITHMS.md 11), each rank
+holds the indices it owns (:class:`OwnerShards`) and fetches its anchors' values each step;
+``state_dict()`` then assembles the whole state (a collective call), so a checkpoint is the
+same whichever the layout and the number of ranks that wrote it. An index that occurs several
+times in one global batch: all occurrences compute from the state before the step, and the
+value kept is that of the last occurrence in global batch order (rank 0 first).
 
 The GCL losses keep ``log u`` instead of ``u`` so that ``exp(h / tau)`` never
 overflows: with tau = 0.005 and h in [-2, 2], ``h / tau`` reaches +-400.
@@ -308,8 +311,55 @@ def floats(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {k: out[k] for k in stats}
 
 
+class OwnerShards:
+    """Owner sharding of per-sample state arrays of length ``n`` over ``world`` ranks: index a
+    lives on rank ``a % world`` at slot ``a // world``. A rank's shard has ``ceil(n / world)``
+    slots plus one scratch slot, which takes the writes of the indices other ranks own, so
+    that every write is fixed-size (no host sync to count them)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.world = n, rank, world
+        self.slots = -(-n // world)  # the scratch slot is number self.slots
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard [slots + 1] of a whole array [n]."""
+        out = full.new_zeros(self.slots + 1)
+        mine = full[self.rank :: self.world]
+        out[: len(mine)] = mine
+        return out
+
+    def whole(self, shard: torch.Tensor) -> torch.Tensor:
+        """The whole array [n] from every rank's shard (a collective call)."""
+        parts = parallel.all_gather_equal(shard[: self.slots].unsqueeze(0))  # [world, slots]
+        return parts.T.reshape(-1)[: self.n].clone()
+
+    def slot(self, idx: torch.Tensor) -> torch.Tensor:
+        """Slots [k] of indices [k] in this rank's shard: the scratch slot for those it does not own."""
+        return torch.where(idx % self.world == self.rank, idx // self.world, self.slots)
+
+    def fetch(self, buffers: list[torch.Tensor], idx: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``buffer[i]`` for this rank's indices ``i`` [b] of every buffer, whichever rank owns
+        them: the indices of every rank gathered, each owner fills in its own values, and a sum
+        over ranks delivers them (two fixed-size collectives of O(W b) values, never O(n))."""
+        b = idx[0].shape[0]
+        wanted = parallel.all_gather_equal(torch.stack(idx, dim=1))  # [W b, k]
+        owned = wanted % self.world == self.rank
+        values = torch.stack(
+            [torch.where(owned[:, k], buf[self.slot(wanted[:, k])].double(), 0.0) for k, buf in enumerate(buffers)],
+            dim=1,
+        )  # float64: a float32 value plus zeros sums exactly
+        values = parallel.sum_over_ranks(values)[self.rank * b : (self.rank + 1) * b]
+        return [values[:, k].to(buf.dtype) for k, buf in enumerate(buffers)]
+
+
 class ContrastiveLoss(nn.Module):
-    """Base class: the standalone call, epoch bookkeeping, state updates."""
+    """Base class: the standalone call, epoch bookkeeping, per-sample state and its updates.
+
+    Per-sample state arrays are registered with :meth:`_sample_state` (name ending in ``_I``
+    or ``_T``: the image or text side's index); ``compute`` reads them at its anchors through
+    :meth:`_fetch` and writes them through :meth:`_state_update`, so that both layouts
+    (replicated, owner-sharded) run the same code.
+    """
 
     HParams: ClassVar[type] = type(None)
     # False: compute() takes the projected features before L2 normalisation (vicreg)
@@ -319,6 +369,48 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.data_size = data_size
         self.epoch = 0
+        self.sample_state: list[str] = []
+        self.shards: OwnerShards | None = None
+
+    def _sample_state(self, name: str, initial: torch.Tensor) -> None:
+        """Register a per-sample state buffer [data_size]."""
+        self.register_buffer(name, initial)
+        self.sample_state.append(name)
+
+    def shard_state(self, rank: int, world: int) -> None:
+        """Keep only this rank's owner shard of every per-sample state array (ALGORITHMS.md 11);
+        every rank of ``world`` must call it, before training."""
+        if self.shards is not None or world == 1 or not self.sample_state:
+            return
+        self.shards = OwnerShards(self.data_size, rank, world)
+        for name in self.sample_state:
+            setattr(self, name, self.shards.shard(getattr(self, name)))
+
+    def _fetch(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every per-sample state array at this rank's anchors: name -> [b]."""
+        idx = [image_idx if name.endswith("_I") else text_idx for name in self.sample_state]
+        if self.shards is None:
+            return {name: getattr(self, name)[i] for name, i in zip(self.sample_state, idx, strict=True)}
+        values = self.shards.fetch([getattr(self, name) for name in self.sample_state], idx)
+        return dict(zip(self.sample_state, values, strict=True))
+
+    def state_dict(self, *args, **kwargs):
+        """As nn.Module's; owner-sharded, the whole arrays (a collective call)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.shards is not None:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            for name in self.sample_state:
+                state[prefix + name] = self.shards.whole(getattr(self, name))
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints hold whole arrays (any layout, any number of ranks): keep this rank's shard
+        if self.shards is not None:
+            for name in self.sample_state:
+                key = prefix + name
+                if key in state_dict and state_dict[key].shape[0] == self.data_size:
+                    state_dict[key] = self.shards.shard(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the 0-based epoch that drives the gamma / eta schedules."""
@@ -359,7 +451,8 @@ class ContrastiveLoss(nn.Module):
         for k, name in enumerate(names):
             idx = packed[:, 2 * k].long()
             new = _last_occurrence_values(idx, packed[:, 2 * k + 1 : 2 * k + 2])[:, 0]
-            writes.append((getattr(self, name), idx, new))
+            slots = idx if self.shards is None else self.shards.slot(idx)  # owners write their own
+            writes.append((getattr(self, name), slots, new))
         return StateUpdate(writes, torch.isfinite(packed).all())
 
 
@@ -632,24 +725,25 @@ class GCLLoss(ContrastiveLoss):
         )
         gamma_at(0, self.gamma, self.gamma_schedule, self.gamma_decay_epochs)  # validates the schedule name
         for side in ("I", "T"):
-            self.register_buffer(f"log_u_{side}", torch.zeros(data_size))
-            self.register_buffer(f"seen_{side}", torch.zeros(data_size, dtype=torch.bool))
+            self._sample_state(f"log_u_{side}", torch.zeros(data_size))
+            self._sample_state(f"seen_{side}", torch.zeros(data_size, dtype=torch.bool))
 
     @property
     def gamma_t(self) -> float:
         return gamma_at(self.epoch, self.gamma, self.gamma_schedule, self.gamma_decay_epochs)
 
-    def _anchor_tau(self, side: str, idx: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-        """Temperature [b] of each local anchor of one side ("I" or "T"; indices [b], features
-        [b, d]); differentiable where the temperature is learned by back-propagation."""
+    def _anchor_tau(self, side: str, state: dict, feat: torch.Tensor) -> torch.Tensor:
+        """Temperature [b] of each local anchor of one side ("I" or "T"; ``state``: the
+        per-sample state at the anchors, features [b, d]); differentiable where the temperature
+        is learned by back-propagation."""
         raise NotImplementedError
 
     def _update_tau(
-        self, side: str, idx: torch.Tensor, tau: torch.Tensor, anchors: _AnchorTerms, stats: dict
+        self, side: str, idx: torch.Tensor, tau: torch.Tensor, anchors: _AnchorTerms, state: dict, stats: dict
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """How the temperature learns from the anchors of one side: its new per-sample state, and
-        a term added to the loss whose gradient reaches learned temperature parameters (a
-        0-dim tensor, or None). A fixed temperature: neither."""
+        """How the temperature learns from the anchors of one side (indices [b], ``state`` at
+        them): its new per-sample state, and a term added to the loss whose gradient reaches
+        learned temperature parameters (a 0-dim tensor, or None). A fixed temperature: neither."""
         return {}, None
 
     def _schedule_stats(self) -> dict[str, float]:
@@ -675,16 +769,17 @@ class GCLLoss(ContrastiveLoss):
             ("T", sim_txt, 0 if one_matrix else 1, grad_txt, text_idx, one_matrix),
         )
         tau_terms = []
+        state = self._fetch(image_idx, text_idx)
         for side, sim, dim, grad, idx, accumulate in directions:
-            tau = self._anchor_tau(side, idx, image_feat if side == "I" else text_feat)
-            log_u, seen = getattr(self, f"log_u_{side}")[idx], getattr(self, f"seen_{side}")[idx]
+            tau = self._anchor_tau(side, state, image_feat if side == "I" else text_feat)
+            log_u, seen = state[f"log_u_{side}"], state[f"seen_{side}"]
             anchors = _gcl_anchor_terms(
                 sim.detach(), dim, batch.pos, tau.detach(), log_u, seen, gamma, grad, scale, accumulate
             )
             value = value + anchors.terms.mean()
             new_state[f"log_u_{side}"] = (idx, anchors.log_u)
             new_state[f"seen_{side}"] = (idx, torch.ones_like(anchors.log_u))
-            tau_state, tau_term = self._update_tau(side, idx, tau, anchors, stats)
+            tau_state, tau_term = self._update_tau(side, idx, tau, anchors, state, stats)
             new_state.update(tau_state)
             if tau_term is not None:
                 tau_terms.append(tau_term)
@@ -708,8 +803,8 @@ class SogCLRLoss(GCLLoss):
         super().__init__(data_size, hp)
         self.temp = float(hp.temp)
 
-    def _anchor_tau(self, side, idx, feat):
-        return torch.full(idx.shape, self.temp, device=idx.device)
+    def _anchor_tau(self, side, state, feat):
+        return torch.full(feat.shape[:1], self.temp, device=feat.device)
 
 
 def eta_at(epoch: int, eta_init: float, schedule: str, eta_min: float, eta_exp_base: float, epochs: int) -> float:
@@ -735,17 +830,21 @@ class _TemperatureTable(GCLLoss):
             "T": hp.rho_init if hp.rho_T is None else hp.rho_T,
         }
         for side in ("I", "T"):
-            self.register_buffer(f"tau_{side}", torch.full((data_size,), float(hp.tau_init)))
+            self._sample_state(f"tau_{side}", torch.full((data_size,), float(hp.tau_init)))
 
-    def _anchor_tau(self, side, idx, feat):
-        return getattr(self, f"tau_{side}")[idx]
+    def _anchor_tau(self, side, state, feat):
+        return state[f"tau_{side}"]
 
     def temperatures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Learned temperatures of the samples seen so far: {"image"/"text": (indices [n], tau [n])}."""
+        """Learned temperatures of the samples seen so far: {"image"/"text": (indices [n], tau [n])}.
+        Owner-sharded, a collective call."""
         out = {}
         for side, name in (("I", "image"), ("T", "text")):
-            idx = getattr(self, f"seen_{side}").nonzero().flatten()
-            out[name] = (idx.cpu(), getattr(self, f"tau_{side}")[idx].cpu())
+            seen, tau = getattr(self, f"seen_{side}"), getattr(self, f"tau_{side}")
+            if self.shards is not None:
+                seen, tau = self.shards.whole(seen), self.shards.whole(tau)
+            idx = seen.nonzero().flatten()
+            out[name] = (idx.cpu(), tau[idx].cpu())
         return out
 
 
@@ -770,7 +869,7 @@ class ISogCLRLoss(_TemperatureTable):
         self.beta = hp.beta_u
         eta_at(0, **self.eta)  # validates the schedule name
         for side in ("I", "T"):
-            self.register_buffer(f"m_{side}", torch.zeros(data_size))
+            self._sample_state(f"m_{side}", torch.zeros(data_size))
 
     @property
     def eta_t(self) -> float:
@@ -779,10 +878,10 @@ class ISogCLRLoss(_TemperatureTable):
     def _schedule_stats(self) -> dict[str, float]:
         return {"gamma": self.gamma_t, "eta": self.eta_t}
 
-    def _update_tau(self, side, idx, tau, anchors, stats):
+    def _update_tau(self, side, idx, tau, anchors, state, stats):
         grad_tau = anchors.tau_gradient(self.rho[side])  # d/dtau of the KL-DRO objective at u
         stats[f"grad_tau_{side}"] = grad_tau.mean()
-        m_new = (1 - self.beta) * getattr(self, f"m_{side}")[idx] + self.beta * grad_tau.clamp(-5.0, 5.0)
+        m_new = (1 - self.beta) * state[f"m_{side}"] + self.beta * grad_tau.clamp(-5.0, 5.0)
         tau_new = (tau - self.eta_t * m_new).clamp(self.tau_min, self.tau_max)
         return {f"m_{side}": (idx, m_new), f"tau_{side}": (idx, tau_new)}, None
 
@@ -799,16 +898,16 @@ class FastCLIPv2Loss(_TemperatureTable):
         super().__init__(data_size, hp)
         self.lr_tau = hp.lr_tau
         for side in ("I", "T"):
-            self.register_buffer(f"m_{side}", torch.zeros(data_size))
-            self.register_buffer(f"v_{side}", torch.zeros(data_size))
-            self.register_buffer(f"n_{side}", torch.zeros(data_size))
+            self._sample_state(f"m_{side}", torch.zeros(data_size))
+            self._sample_state(f"v_{side}", torch.zeros(data_size))
+            self._sample_state(f"n_{side}", torch.zeros(data_size))
 
-    def _update_tau(self, side, idx, tau, anchors, stats):
+    def _update_tau(self, side, idx, tau, anchors, state, stats):
         grad_tau = anchors.tau_gradient(self.rho[side]).clamp(-5.0, 5.0)
         stats[f"grad_tau_{side}"] = grad_tau.mean()
-        (b1, b2), n = self.BETAS, getattr(self, f"n_{side}")[idx] + 1
-        m = b1 * getattr(self, f"m_{side}")[idx] + (1 - b1) * grad_tau
-        v = b2 * getattr(self, f"v_{side}")[idx] + (1 - b2) * grad_tau.square()
+        (b1, b2), n = self.BETAS, state[f"n_{side}"] + 1
+        m = b1 * state[f"m_{side}"] + (1 - b1) * grad_tau
+        v = b2 * state[f"v_{side}"] + (1 - b2) * grad_tau.square()
         step = (m / (1 - b1**n)) / ((v / (1 - b2**n)).sqrt() + self.EPS)
         tau_new = (tau - self.lr_tau * step).clamp(self.tau_min, self.tau_max)
         return {
@@ -847,7 +946,7 @@ class TempNetLoss(_TemperatureTable):
             net[-1].bias.fill_(math.log(share / (1 - share)) if 0 < share < 1 else 0.0)
         return net
 
-    def _anchor_tau(self, side, idx, feat):
+    def _anchor_tau(self, side, state, feat):
         net = self.nets[side]
         if feat.shape[1] != net[0].in_features:
             raise ValueError(
@@ -856,7 +955,7 @@ class TempNetLoss(_TemperatureTable):
             )
         return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(net(feat.detach()).squeeze(1))
 
-    def _update_tau(self, side, idx, tau, anchors, stats):
+    def _update_tau(self, side, idx, tau, anchors, state, stats):
         grad_tau = anchors.tau_gradient(self.rho[side])
         stats[f"grad_tau_{side}"] = grad_tau.mean()
         return {f"tau_{side}": (idx, tau.detach())}, (grad_tau * tau).mean()
@@ -885,10 +984,10 @@ class _GlobalTemperatureGCL(GCLLoss):
             self.tau.clamp_(*self.TAU_RANGE)
         return super().compute(image_feat, text_feat, image_idx, text_idx)
 
-    def _anchor_tau(self, side, idx, feat):
-        return self.tau.expand(idx.shape)
+    def _anchor_tau(self, side, state, feat):
+        return self.tau.expand(feat.shape[:1])
 
-    def _update_tau(self, side, idx, tau, anchors, stats):
+    def _update_tau(self, side, idx, tau, anchors, state, stats):
         grad_tau = anchors.tau_gradient(self.rho_tau)
         stats[f"grad_tau_{side}"] = grad_tau.mean()
         return {}, self.SIDE_WEIGHT * grad_tau.mean() * tau[0]
