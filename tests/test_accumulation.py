@@ -13,6 +13,7 @@ two ranks equal one process is tests/test_distributed_training.py's concern.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from models.losses import build_loss
 from models.model_clip import CLIPModel
 from test_distributed_training import close, free_port
 from test_interruptions import CLIP, ENV, log_steps, run_args, start, wait_for
-from test_losses_distributed import CASES, N, check_state
+from test_losses_distributed import CASES, LAYOUTS, N, check_state
 from tiny_training import ListData, make_trainer, tiny_model
 
 GLOBAL, MICRO = 32, 8  # one process: 4 micro-batches of 8; two ranks: 4 of 4 each
@@ -136,21 +137,25 @@ def test_micro_batches_equal_one_batch_in_one_process(tmp_path):
 
 
 def child(rank: int, world: int, port: int, tmp_dir: str) -> None:
-    """Each rank: its 16 rows of every global batch whole, then as 4 micro-batches of 4."""
+    """Each rank: its 16 rows of every global batch whole, then as 4 micro-batches of 4, with the
+    per-sample state replicated and owner-sharded."""
     torch.set_num_threads(1)
     problems = []
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         local = GLOBAL // world
         micro = local // 4
-        for case, model, loss_fn in setups():
+        for (case, model, loss_fn), layout in itertools.product(setups(), LAYOUTS):
+            if layout == "owner":
+                loss_fn.shard_state(rank, world)
             fresh = copy.deepcopy(model), copy.deepcopy(loss_fn)
             whole = [[rows(b, rank * local, (rank + 1) * local)] for b in batches()]
             want = run_steps(model, loss_fn, whole, tmp_dir, accum_freq=1)
             steps = [
                 [rows(b, rank * local + s, rank * local + s + micro) for s in range(0, local, micro)] for b in batches()
             ]
-            problems += compare(run_steps(*fresh, steps, tmp_dir, accum_freq=4), want, f"{case} rank {rank}")
+            got = run_steps(*fresh, steps, tmp_dir, accum_freq=4)
+            problems += compare(got, want, f"{case} {layout} state rank {rank}")
     except Exception:
         problems.append(traceback.format_exc())
     finally:
