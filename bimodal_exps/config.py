@@ -262,6 +262,14 @@ def _resolve(root: str, path: str | None) -> str | None:
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags (and ``--config``), resolve derived values and validate; raises ConfigError."""
+    cfg = load_config(argv)
+    validate(cfg)
+    return cfg
+
+
+def load_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Built-in defaults < a loss name's presets < ``--config`` YAML < flags, derived values
+    resolved (paths against --data_path); not validated."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     from_yaml = load_yaml(first.config, parser) if first.config else {}
@@ -272,7 +280,6 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**{**LOSS_PRESETS.get(name, {}), **from_yaml})
     cfg = parser.parse_args(argv)
     resolve(cfg)
-    validate(cfg)
     return cfg
 
 
