@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.web_download import add_web_download
+
 EXIT_OK, EXIT_INCOMPLETE, EXIT_BAD_INPUT = 0, 1, 2
 SHOWN = 5  # example paths an incomplete result names
 
@@ -734,6 +736,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     lambda sub: add_karpathy(sub, KARPATHY_SETS["coco"]),
     lambda sub: add_karpathy(sub, KARPATHY_SETS["flickr30k"]),
     add_imagenet,
+    lambda sub: add_web_download(sub, "cc3m"),
+    lambda sub: add_web_download(sub, "cc12m"),
     add_check,
 ]
 
