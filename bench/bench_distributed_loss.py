@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,8 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bimodal_exps"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import parallel
+from common import free_port
 from models.losses import _gcl_anchor_terms, build_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,12 +88,6 @@ def measure(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     with open(os.path.join(out, f"w{world}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

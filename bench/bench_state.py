@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import socket
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bimodal_exps"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, machine_line, write_results
+from common import free_port, machine, machine_line, write_results
 from models.losses import build_loss
 
 LAYOUTS = ("replicated", "owner")
@@ -91,12 +90,6 @@ def child(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         del loss_fn
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import socket
 import statistics
 import subprocess
 import time
@@ -74,3 +75,9 @@ def write_results(name: str, data: dict, markdown: list[str]) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text("\n".join(markdown) + "\n")
     print(f"wrote {RESULTS / name}.json and .md")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -25,7 +25,6 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import BertConfig, BertModel
 
 from engine.accumulate import accumulate_gradients
 from engine.checkpoint import load_checkpoint
@@ -180,30 +179,7 @@ def _micro_batches(n: int = 4, size: int = 6) -> list[dict]:
 def test_dropout_sees_the_same_masks_in_both_passes():
     """With dropout, the accumulated gradient is that of the loss on the first pass's features:
     the re-embedding restores each micro-batch's random state."""
-    torch.manual_seed(0)
-    image = timm.create_model(
-        "vit_tiny_patch16_224",
-        num_classes=0,
-        img_size=16,
-        patch_size=8,
-        embed_dim=16,
-        depth=1,
-        num_heads=2,
-        drop_rate=0.3,
-        proj_drop_rate=0.3,
-    )
-    text = BertModel(
-        BertConfig(
-            vocab_size=40,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            hidden_dropout_prob=0.3,
-        )
-    )
-    step = ContrastiveStep(CLIPModel(image, text, embed_dim=8), build_loss("clip", N, temp=0.05), None).train()
+    step = ContrastiveStep(tiny_model(dropout=0.3), build_loss("clip", N, temp=0.05), None).train()
     micro = _micro_batches()
 
     torch.manual_seed(7)

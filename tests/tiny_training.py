@@ -16,10 +16,19 @@ from models.model_clip import CLIPModel
 GLOBAL_BATCH, STEPS = 12, 3
 
 
-def tiny_model() -> CLIPModel:
+def tiny_model(dropout: float = 0.0) -> CLIPModel:
+    """ViT + BERT towers of width 16 (no dropout unless ``dropout``), embed_dim 8."""
     torch.manual_seed(0)
     image = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2
+        "vit_tiny_patch16_224",
+        num_classes=0,
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        drop_rate=dropout,
+        proj_drop_rate=dropout,
     )
     text = BertModel(
         BertConfig(
@@ -29,7 +38,7 @@ def tiny_model() -> CLIPModel:
             num_attention_heads=2,
             intermediate_size=32,
             max_position_embeddings=16,
-            hidden_dropout_prob=0.0,
+            hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=0.0,
         )
     )
