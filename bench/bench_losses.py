@@ -7,8 +7,11 @@ The protocol, fixed before any run and the same for every loss:
   ``rho_init`` 2.5, gamma 0.8), so every loss sees the same samples as the default run;
 - Q2: global batch 64 (one process), seeds 0, 1, 2 (``--seeds``); the cosine gamma schedules
   (fastclip_v0..v3) decay over the run's own epochs instead of the paper's 18;
-- Q3: ``clip`` at batch 512, the same epochs (so the same samples seen), against ``sogclr`` and
-  ``isogclr`` at 64;
+- Q3: ``clip`` at batch 512, the same epochs (so the same samples seen, 8x fewer steps), against
+  ``sogclr`` and ``isogclr`` at 64, in two arms: the default learning rate (2e-3, 50 warm-up
+  steps) and, fixed before those runs, the learning rate scaled with the square root of the batch
+  from the default's 128 (Adam's rule: 4e-3) with the warm-up of the default's samples (6,400:
+  12 steps);
 - Q4: the learned temperature of each training sample (``isogclr``: its table; the tempnet: its
   last prediction) against how rare its attributes are: the mean over its objects of
   ``-log p(shape) - log p(colour)``, frequencies counted over the training split; Spearman's
@@ -55,16 +58,41 @@ LOSSES = [
     "vicreg",
 ]
 SMALL_BATCH, LARGE_BATCH = 64, 512
+DEFAULT_BATCH = 128  # the batch of the default config, for which its lr and warm-up are set
 
 
-def run(loss: str, batch: int, seed: int, epochs: int) -> dict:
-    """One training run (resumed if it was interrupted); its final test metrics and wall time."""
-    out = RUNS / f"{loss}_b{batch}_s{seed}"
+RECORDED: dict[tuple, dict] = {}
+
+
+def scaled_lr_arm(config: dict) -> list[str]:
+    """Q3's second arm: lr x sqrt(LARGE_BATCH / DEFAULT_BATCH), warm-up of the same samples."""
+    lr = config["lr"] * math.sqrt(LARGE_BATCH / DEFAULT_BATCH)
+    warmup = round(config["warmup_steps"] * DEFAULT_BATCH / LARGE_BATCH)
+    return ["--lr", f"{lr:g}", "--warmup_steps", str(warmup)]
+
+
+def recorded() -> dict[tuple, dict]:
+    """(loss, batch, seed, arm) -> result, from the last losses.json."""
+    path = RESULTS / "losses.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    rows = data["small"] + data["large"] + data.get("large_scaled", [])
+    return {(r["loss"], r["batch"], r["seed"], r.get("arm", "")): r for r in rows}
+
+
+def run(loss: str, batch: int, seed: int, epochs: int, arm: str = "", extra: tuple[str, ...] = ()) -> dict:
+    """One training run (resumed if it was interrupted, skipped if ``losses.json`` has its
+    result); its final test metrics and wall time."""
+    out = RUNS / f"{loss}_b{batch}{arm and '_' + arm}_s{seed}"
     done = out / "eval.jsonl"
     final = _final(done)
+    known = RECORDED.get((loss, batch, seed, arm))
+    if final is None and known is not None and not out.exists():
+        return known
     if final is None:
         cmd = [sys.executable, str(ROOT / "bimodal_exps" / "clip.py"), "--config", str(CONFIG)]
-        cmd += ["--ita_type", loss, "--batch_size_train", str(batch), "--seed", str(seed)]
+        cmd += ["--ita_type", loss, "--batch_size_train", str(batch), "--seed", str(seed), *extra]
         cmd += ["--gamma_decay_epochs", str(epochs), "--output_dir", str(out), "--resume", "auto", "--no-distributed"]
         start = time.monotonic()
         with open(RUNS / f"{out.name}.log", "w") as log:
@@ -72,7 +100,10 @@ def run(loss: str, batch: int, seed: int, epochs: int) -> dict:
         (out / "wall_s.txt").write_text(f"{time.monotonic() - start:.0f}\n")
         final = _final(done)
     wall = (out / "wall_s.txt").read_text().strip() if (out / "wall_s.txt").exists() else "?"
-    return {"loss": loss, "batch": batch, "seed": seed, "r_mean": final["r_mean"], "wall_s": wall, "dir": str(out)}
+    return {
+        "loss": loss, "batch": batch, "seed": seed, "arm": arm, "r_mean": final["r_mean"], "wall_s": wall,
+        "dir": str(out),
+    }  # fmt: skip
 
 
 def _final(eval_file: Path) -> dict | None:
@@ -162,6 +193,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--skip_q3", action="store_true", help="no clip run at batch 512")
     args = parser.parse_args()
+    RECORDED.update(recorded())
     config = yaml.safe_load(CONFIG.read_text())
     epochs = config["epochs"]
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -169,7 +201,12 @@ def main() -> None:
     subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
     small = [run(loss, SMALL_BATCH, seed, epochs) for seed in args.seeds for loss in args.losses]
     large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in args.seeds]
-    tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and r["seed"] == args.seeds[0]]
+    large_scaled = [] if args.skip_q3 else [
+        run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config))) for seed in args.seeds
+    ]  # fmt: skip
+    # Q4 from the first seed whose runs are on disk (a recorded run has no temperatures here)
+    tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and Path(r["dir"]).exists()]
+    tempered = [r for r in tempered if r["seed"] == min((t["seed"] for t in tempered), default=None)]
     q4, plot = temperatures_vs_rarity(tempered, rarity_by_index(ROOT / config["data_path"]), epochs)
 
     m = machine()
@@ -191,7 +228,11 @@ def main() -> None:
         lines.append(f"| {loss} | {summarise(values)} | {len(values)} |")
     if large:
         lines += ["", "## Q3: small-batch GCL against large-batch CLIP (same samples seen)", ""]
-        lines.append(f"- clip at batch {LARGE_BATCH}: {summarise([r['r_mean'] for r in large])}")
+        lines.append(f"- clip at batch {LARGE_BATCH}, default lr: {summarise([r['r_mean'] for r in large])}")
+        lines.append(
+            f"- clip at batch {LARGE_BATCH}, lr and warm-up scaled ({' '.join(scaled_lr_arm(config))}): "
+            f"{summarise([r['r_mean'] for r in large_scaled])}"
+        )
         for loss in ("sogclr", "isogclr", "clip"):
             if by_loss.get(loss):
                 lines.append(f"- {loss} at batch {SMALL_BATCH}: {summarise(by_loss[loss])}")
@@ -203,7 +244,8 @@ def main() -> None:
             lines += ["", f"Box plot: `bench/results/{plot.name}`."]
     (RESULTS / "losses.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "losses.json").write_text(
-        json.dumps({"machine": m, "small": small, "large": large, "q4": q4}, indent=2) + "\n"
+        json.dumps({"machine": m, "small": small, "large": large, "large_scaled": large_scaled, "q4": q4}, indent=2)
+        + "\n"
     )
     print("\n".join(lines))
 
