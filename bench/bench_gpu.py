@@ -110,9 +110,9 @@ def main() -> None:
             log_every=10**9,
         )
         for _ in range(3):
-            trainer._step(batch)
+            trainer._step([batch])
         torch.cuda.reset_peak_memory_stats()
-        ours = [seconds(lambda: trainer._step(batch), sync) for _ in range(args.repeats)]
+        ours = [seconds(lambda: trainer._step([batch]), sync) for _ in range(args.repeats)]
         ours_peak = torch.cuda.max_memory_allocated()
 
     bare_s, ours_s = statistics.median(bare), statistics.median(ours)

@@ -199,11 +199,11 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     generator = ROOT / "bimodal_exps" / "data" / "synthetic.py"
     subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
-    small = [run(loss, SMALL_BATCH, seed, epochs) for seed in args.seeds for loss in args.losses]
-    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in args.seeds]
     large_scaled = [] if args.skip_q3 else [
         run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config))) for seed in args.seeds
     ]  # fmt: skip
+    small = [run(loss, SMALL_BATCH, seed, epochs) for seed in args.seeds for loss in args.losses]
+    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in args.seeds]
     # Q4 from the first seed whose runs are on disk (a recorded run has no temperatures here)
     tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and Path(r["dir"]).exists()]
     tempered = [r for r in tempered if r["seed"] == min((t["seed"] for t in tempered), default=None)]

@@ -110,7 +110,7 @@ def main() -> None:
             )
             trainer.log_every = 10**9
             trainer.train_epoch(ListData([batch]))
-            return [seconds(lambda: trainer._step(batch), sync) for _ in range(args.repeats)]
+            return [seconds(lambda: trainer._step([batch]), sync) for _ in range(args.repeats)]
 
         before = bare_steps()
         trainer = trainer_steps()
