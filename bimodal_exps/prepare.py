@@ -4,6 +4,8 @@ against a run's configuration before a long job.
     python bimodal_exps/prepare.py coco datasets/dataset_coco.json
     python bimodal_exps/prepare.py flickr30k datasets/dataset_flickr30k.json
     python bimodal_exps/prepare.py imagenet datasets/imagenet/val ILSVRC2012_devkit_t12.tar.gz
+    python bimodal_exps/prepare.py cc3m Train_GCC-training.tsv      # downloads with img2dataset
+    python bimodal_exps/prepare.py cc12m cc12m.tsv
     python bimodal_exps/prepare.py check --config bimodal_exps/configs/cc3m.yaml [clip.py flags]
 
 Every step can be rerun: all input is checked before anything is written, each output file is
@@ -35,14 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.prepare_status import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK, InputError
 from data.web_download import add_web_download
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_BAD_INPUT = 0, 1, 2
 SHOWN = 5  # example paths an incomplete result names
-
-
-class InputError(ValueError):
-    """Input a step cannot use; the message says what is wrong and what was expected."""
 
 
 def write_atomic(path: Path, data: bytes) -> bool:

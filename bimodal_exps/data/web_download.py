@@ -30,7 +30,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_BAD_INPUT = 0, 1, 2  # prepare.py's exit statuses
+from data.prepare_status import EXIT_INCOMPLETE, EXIT_OK, InputError
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO / "requirements-img2dataset.txt"  # the pinned img2dataset version
@@ -45,10 +45,6 @@ URL = re.compile(r"\s*https?://", re.IGNORECASE)
 # No ".json" suffix: img2dataset takes every *.json of its output folder for a finished shard's stats.
 SOURCE_RECORD = ".prepare-source"
 INPUT_JSONL = ".prepare-input.jsonl"
-
-
-class WebInputError(ValueError):
-    """A TSV or output folder the step cannot use; the message says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +89,9 @@ def _problem(fields: list[str], spec: WebSet) -> str | None:
 
 
 def read_tsv(path: Path, spec: WebSet) -> TsvInfo:
-    """Check every line of ``path`` and count the rows; WebInputError naming the first bad lines."""
+    """Check every line of ``path`` and count the rows; InputError naming the first bad lines."""
     if not path.is_file():
-        raise WebInputError(f"{path} not found: expected the {spec.name} TSV ({spec.tsv_file})")
+        raise InputError(f"{path} not found: expected the {spec.name} TSV ({spec.tsv_file})")
     digest = hashlib.sha256()
     rows = 0
     bad: list[str] = []
@@ -116,7 +112,7 @@ def read_tsv(path: Path, spec: WebSet) -> TsvInfo:
                 if len(bad) < SHOWN:
                     bad.append(f"line {rows}: {problem}")
     if rows == 0:
-        raise WebInputError(f"{path} is empty: expected the {spec.name} TSV ({spec.tsv_file})")
+        raise InputError(f"{path} is empty: expected the {spec.name} TSV ({spec.tsv_file})")
     if n_bad:
         message = (
             f"{path}: {n_bad:,} of {rows:,} line(s) are not {spec.name} rows "
@@ -128,7 +124,7 @@ def read_tsv(path: Path, spec: WebSet) -> TsvInfo:
                 f"\nEvery bad line has the columns the other way round ({' <TAB> '.join(other.columns)}): "
                 f"this looks like a {other.name} file; use prepare.py {other.name}"
             )
-        raise WebInputError(message)
+        raise InputError(message)
     return TsvInfo(rows, digest.hexdigest())
 
 
@@ -172,16 +168,16 @@ def stats_file(name: Path) -> Path:
 
 
 def check_source(out: Path, record: dict) -> None:
-    """WebInputError when ``out`` holds shards of another TSV or shard size, which a resume would mix in."""
+    """InputError when ``out`` holds shards of another TSV or shard size, which a resume would mix in."""
     path = out / SOURCE_RECORD
     if path.is_file():
         old = json.loads(path.read_text())
         if old == record:
             return
         changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in record.items() if old.get(k) != v)
-        raise WebInputError(f"{out} holds shards made from other input ({changed}): give another --out or remove it")
+        raise InputError(f"{out} holds shards made from other input ({changed}): give another --out or remove it")
     if any(out.glob("*_stats.json")):
-        raise WebInputError(f"{out} holds shards that prepare.py did not make: give another --out or remove it")
+        raise InputError(f"{out} holds shards that prepare.py did not make: give another --out or remove it")
 
 
 def run_img2dataset(exe: Path, url_list: Path, out: Path, args: argparse.Namespace) -> None:
@@ -253,22 +249,18 @@ def prepare_web(args: argparse.Namespace) -> int:
     """``cc3m`` / ``cc12m``: the TSV -> webdataset shards in ``--out``, then the summary."""
     spec = WEB_SETS[args.command]
     out = Path(args.out or f"datasets/{spec.name}")
-    try:
-        n = args.samples_per_shard
-        if n < 1 or 10 ** round(math.log10(n)) != n:
-            raise WebInputError(
-                f"--samples_per_shard {n}: must be a power of ten, or img2dataset's keys "
-                "(shard * 10**digits + position) are not the TSV rows"
-            )
-        if min(args.processes, args.threads) < 1 or args.timeout <= 0:
-            raise WebInputError("--processes, --threads and --timeout must be positive")
-        tsv = read_tsv(Path(args.tsv), spec)
-        record = {"dataset": spec.name, "rows": tsv.rows, "tsv_sha256": tsv.sha256, "samples_per_shard": n}
-        if out.is_dir():
-            check_source(out, record)
-    except WebInputError as error:
-        print(f"prepare.py {spec.name}: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    n = args.samples_per_shard
+    if n < 1 or 10 ** round(math.log10(n)) != n:
+        raise InputError(
+            f"--samples_per_shard {n}: must be a power of ten, or img2dataset's keys "
+            "(shard * 10**digits + position) are not the TSV rows"
+        )
+    if min(args.processes, args.threads) < 1 or args.timeout <= 0:
+        raise InputError("--processes, --threads and --timeout must be positive")
+    tsv = read_tsv(Path(args.tsv), spec)
+    record = {"dataset": spec.name, "rows": tsv.rows, "tsv_sha256": tsv.sha256, "samples_per_shard": n}
+    if out.is_dir():
+        check_source(out, record)
     if tsv.rows != spec.published_rows:
         print(f"note: {tsv.rows:,} rows; the published {spec.tsv_file} has {spec.published_rows:,}")
     shards = math.ceil(tsv.rows / n)
