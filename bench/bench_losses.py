@@ -21,7 +21,7 @@ Each loss keeps its own hyperparameters' defaults otherwise (``python bimodal_ex
 --help``). Writes ``bench/results/losses.md``, ``losses.json`` and ``temperatures_q4.png``; the
 runs go to ``output/bench_losses/``. A full run (3 seeds) takes about 2.5 hours on 2 cores.
 
-    python bench/bench_losses.py [--seeds 0 1 2] [--losses clip sogclr ...] [--skip_q3]
+    python bench/bench_losses.py [--seeds 0 1 2] [--losses clip sogclr ...] [--skip_q3 | --q3_seeds 0]
 """
 
 from __future__ import annotations
@@ -192,18 +192,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--skip_q3", action="store_true", help="no clip run at batch 512")
+    parser.add_argument("--q3_seeds", type=int, nargs="+", help="Q3's seeds (default: --seeds)")
     args = parser.parse_args()
     RECORDED.update(recorded())
+    q3_seeds = args.q3_seeds or args.seeds
     config = yaml.safe_load(CONFIG.read_text())
     epochs = config["epochs"]
     RUNS.mkdir(parents=True, exist_ok=True)
     generator = ROOT / "bimodal_exps" / "data" / "synthetic.py"
     subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
     large_scaled = [] if args.skip_q3 else [
-        run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config))) for seed in args.seeds
+        run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config))) for seed in q3_seeds
     ]  # fmt: skip
     small = [run(loss, SMALL_BATCH, seed, epochs) for seed in args.seeds for loss in args.losses]
-    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in args.seeds]
+    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in q3_seeds]
     # Q4 from the first seed whose runs are on disk (a recorded run has no temperatures here)
     tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and Path(r["dir"]).exists()]
     tempered = [r for r in tempered if r["seed"] == min((t["seed"] for t in tempered), default=None)]
