@@ -110,6 +110,16 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gather_to_main(x: torch.Tensor) -> list[torch.Tensor] | None:
+    """``x`` of every rank (the same shape everywhere), in rank order, on rank 0; None on the
+    others (one collective; only rank 0 ever holds the W parts)."""
+    if world_size() == 1:
+        return [x]
+    parts = [torch.empty_like(x) for _ in range(world_size())] if is_main_process() else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return parts
+
+
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of ``x`` over ranks (one all-reduce; a new tensor)."""
     x = x.clone()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loss_reference import assert_matches
-from models.losses import build_loss
+from models.losses import OwnerShards, build_loss
 
 N = 20
 BATCH = 12  # divisible by 2 and 3
@@ -119,6 +119,7 @@ def run_steps(
                 "grad_text": text.grad,
                 "param_grads": {k: p.grad.clone() for k, p in loss_fn.named_parameters()},
                 "state": {k: v.detach().clone() for k, v in loss_fn.state_dict().items()},
+                "shards": {k: getattr(loss_fn, k).detach().clone() for k in loss_fn.sample_state} if sharded else {},
             }
         )
         loss_fn.zero_grad()
@@ -207,6 +208,23 @@ def check_state(got: dict, want: dict, what: str) -> None:
             assert_matches(got[key], value, RTOL, f"{what} {key}", scale_floor=1.0)
 
 
+def check_rank_state(got: dict, want: dict, rank: int, world: int, what: str) -> None:
+    """A rank's state after a step against one process's: whole, or, owner-sharded on a rank
+    other than 0 (whose state_dict leaves the per-sample arrays out), the rest of the state and
+    the rank's own shard of every per-sample array."""
+    if not got["shards"] or rank == 0:
+        check_state(got["state"], want, what)
+        return
+    names = set(got["shards"])
+    check_state(got["state"], {k: v for k, v in want.items() if k not in names}, what)
+    owner = OwnerShards(N, rank, world)  # the scratch slot, owner.slots, takes others' writes
+    check_state(
+        {k: v[: owner.slots] for k, v in got["shards"].items()},
+        {k: owner.shard(want[k])[: owner.slots] for k in names},
+        f"{what} own shard",
+    )
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_match_single_process(world, tmp_path):
     steps = make_steps()
@@ -227,7 +245,7 @@ def test_ranks_match_single_process(world, tmp_path):
                 mean_grad = torch.stack([g["param_grads"][param] for g in got]).mean(0)
                 assert_matches(mean_grad, grad, RTOL, f"{what} mean d loss/d {param} over ranks")
             for r, g in enumerate(got):
-                check_state(g["state"], want["state"], f"{what} rank {r}")
+                check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
 
 
 def test_state_resumes_on_another_number_of_ranks(tmp_path):
@@ -249,4 +267,4 @@ def test_state_resumes_on_another_number_of_ranks(tmp_path):
             mean_loss = torch.stack([g["loss"] for g in got]).mean()
             assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
             for r, g in enumerate(got):
-                check_state(g["state"], want["state"], f"{what} rank {r}")
+                check_rank_state(g, want["state"], r, world, f"{what} rank {r}")

@@ -14,8 +14,8 @@ the optimiser step is taken, so a skipped step (non-finite loss, fp16 overflow) 
 state as it was. Replicated (the default), every rank holds the whole state, the same after
 every commit. Owner-sharded (:meth:`ContrastiveLoss.shard_state`, ALGORITHMS.md 11), each rank
 holds the indices it owns (:class:`OwnerShards`) and fetches its anchors' values each step;
-``state_dict()`` then assembles the whole state (a collective call), so a checkpoint is the
-same whichever the layout and the number of ranks that wrote it. An index that occurs several
+``state_dict()`` then assembles the whole state on rank 0 (a collective call), so a
+checkpoint is the same whichever the layout and the number of ranks that wrote it. An index that occurs several
 times in one global batch: all occurrences compute from the state before the step, and the
 value kept is that of the last occurrence in global batch order (rank 0 first).
 
@@ -328,10 +328,16 @@ class OwnerShards:
         out[: len(mine)] = mine
         return out
 
-    def whole(self, shard: torch.Tensor) -> torch.Tensor:
-        """The whole array [n] from every rank's shard (a collective call)."""
-        parts = parallel.all_gather_equal(shard[: self.slots].unsqueeze(0))  # [world, slots]
-        return parts.T.reshape(-1)[: self.n].clone()
+    def whole(self, shard: torch.Tensor) -> torch.Tensor | None:
+        """The whole array [n] on the host of rank 0, from every rank's shard (a collective
+        call); None on the other ranks, which hold nothing but their shard meanwhile."""
+        parts = parallel.gather_to_main(shard[: self.slots])
+        if parts is None:
+            return None
+        whole = torch.empty(self.slots, self.world, dtype=shard.dtype)  # [slot, owner]: index order
+        for owner, part in enumerate(parts):
+            whole[:, owner] = part.cpu()
+        return whole.reshape(-1)[: self.n]
 
     def slot(self, idx: torch.Tensor) -> torch.Tensor:
         """Slots [k] of indices [k] in this rank's shard: the scratch slot for those it does not own."""
@@ -395,12 +401,19 @@ class ContrastiveLoss(nn.Module):
         return dict(zip(self.sample_state, values, strict=True))
 
     def state_dict(self, *args, **kwargs):
-        """As nn.Module's; owner-sharded, the whole arrays (a collective call)."""
+        """As nn.Module's. Owner-sharded, a collective call: on rank 0 (which writes the
+        checkpoints) the per-sample arrays are whole, gathered one at a time onto its host; the
+        other ranks' state leaves them out, so that no rank but rank 0 holds more than its
+        shard, and rank 0's device no more than one whole array at a time."""
         state = super().state_dict(*args, **kwargs)
         if self.shards is not None:
             prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
             for name in self.sample_state:
-                state[prefix + name] = self.shards.whole(getattr(self, name))
+                whole = self.shards.whole(getattr(self, name))
+                if whole is None:
+                    del state[prefix + name]
+                else:
+                    state[prefix + name] = whole
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -837,14 +850,15 @@ class _TemperatureTable(GCLLoss):
 
     def temperatures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Learned temperatures of the samples seen so far: {"image"/"text": (indices [n], tau [n])}.
-        Owner-sharded, a collective call."""
+        Owner-sharded, a collective call whose result only rank 0 gets (the others: {})."""
         out = {}
         for side, name in (("I", "image"), ("T", "text")):
             seen, tau = getattr(self, f"seen_{side}"), getattr(self, f"tau_{side}")
             if self.shards is not None:
                 seen, tau = self.shards.whole(seen), self.shards.whole(tau)
-            idx = seen.nonzero().flatten()
-            out[name] = (idx.cpu(), tau[idx].cpu())
+            if seen is not None:
+                idx = seen.nonzero().flatten()
+                out[name] = (idx.cpu(), tau[idx].cpu())
         return out
 
 
