@@ -81,15 +81,19 @@ def recorded() -> dict[tuple, dict]:
     return {(r["loss"], r["batch"], r["seed"], r.get("arm", "")): r for r in rows}
 
 
-def run(loss: str, batch: int, seed: int, epochs: int, arm: str = "", extra: tuple[str, ...] = ()) -> dict:
+def run(
+    loss: str, batch: int, seed: int, epochs: int, arm: str = "", extra: tuple[str, ...] = (), report_only: bool = False
+) -> dict | None:
     """One training run (resumed if it was interrupted, skipped if ``losses.json`` has its
-    result); its final test metrics and wall time."""
+    result); its final test metrics and wall time. None when not done and ``report_only``."""
     out = RUNS / f"{loss}_b{batch}{arm and '_' + arm}_s{seed}"
     done = out / "eval.jsonl"
     final = _final(done)
     known = RECORDED.get((loss, batch, seed, arm))
     if final is None and known is not None and not out.exists():
         return known
+    if final is None and report_only:
+        return None
     if final is None:
         cmd = [sys.executable, str(ROOT / "bimodal_exps" / "clip.py"), "--config", str(CONFIG)]
         cmd += ["--ita_type", loss, "--batch_size_train", str(batch), "--seed", str(seed), *extra]
@@ -182,6 +186,8 @@ def temperatures_vs_rarity(runs: list[dict], rarity: dict[int, float], epochs: i
 
 
 def summarise(values: list[float]) -> str:
+    if not values:
+        return "not run"
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} [{min(values):.2f}-{max(values):.2f}]"
@@ -193,19 +199,21 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--skip_q3", action="store_true", help="no clip run at batch 512")
     parser.add_argument("--q3_seeds", type=int, nargs="+", help="Q3's seeds (default: --seeds)")
+    parser.add_argument("--report_only", action="store_true", help="start no run; report the finished ones")
     args = parser.parse_args()
     RECORDED.update(recorded())
-    q3_seeds = args.q3_seeds or args.seeds
+    q3_seeds, only = args.q3_seeds or args.seeds, args.report_only
     config = yaml.safe_load(CONFIG.read_text())
     epochs = config["epochs"]
     RUNS.mkdir(parents=True, exist_ok=True)
     generator = ROOT / "bimodal_exps" / "data" / "synthetic.py"
     subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
     large_scaled = [] if args.skip_q3 else [
-        run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config))) for seed in q3_seeds
+        run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config)), only) for seed in q3_seeds
     ]  # fmt: skip
-    small = [run(loss, SMALL_BATCH, seed, epochs) for seed in args.seeds for loss in args.losses]
-    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs) for seed in q3_seeds]
+    small = [run(loss, SMALL_BATCH, seed, epochs, report_only=only) for seed in args.seeds for loss in args.losses]
+    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs, report_only=only) for seed in q3_seeds]
+    large_scaled, small, large = ([r for r in rs if r] for rs in (large_scaled, small, large))
     # Q4 from the first seed whose runs are on disk (a recorded run has no temperatures here)
     tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and Path(r["dir"]).exists()]
     tempered = [r for r in tempered if r["seed"] == min((t["seed"] for t in tempered), default=None)]
