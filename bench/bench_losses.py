@@ -27,6 +27,7 @@ runs go to ``output/bench_losses/``. A full run (3 seeds) takes about 2.5 hours 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -61,9 +62,6 @@ SMALL_BATCH, LARGE_BATCH = 64, 512
 DEFAULT_BATCH = 128  # the batch of the default config, for which its lr and warm-up are set
 
 
-RECORDED: dict[tuple, dict] = {}
-
-
 def scaled_lr_arm(config: dict) -> list[str]:
     """Q3's second arm: lr x sqrt(LARGE_BATCH / DEFAULT_BATCH), warm-up of the same samples."""
     lr = config["lr"] * math.sqrt(LARGE_BATCH / DEFAULT_BATCH)
@@ -82,14 +80,23 @@ def recorded() -> dict[tuple, dict]:
 
 
 def run(
-    loss: str, batch: int, seed: int, epochs: int, arm: str = "", extra: tuple[str, ...] = (), report_only: bool = False
+    loss: str,
+    batch: int,
+    seed: int,
+    arm: str = "",
+    extra: tuple[str, ...] = (),
+    *,
+    epochs: int,
+    known_results: dict[tuple, dict],
+    report_only: bool,
 ) -> dict | None:
-    """One training run (resumed if it was interrupted, skipped if ``losses.json`` has its
-    result); its final test metrics and wall time. None when not done and ``report_only``."""
+    """One training run (resumed if it was interrupted, skipped if ``known_results``, from
+    ``recorded()``, has it); its final test metrics and wall time. None when not done and
+    ``report_only``."""
     out = RUNS / f"{loss}_b{batch}{arm and '_' + arm}_s{seed}"
     done = out / "eval.jsonl"
     final = _final(done)
-    known = RECORDED.get((loss, batch, seed, arm))
+    known = known_results.get((loss, batch, seed, arm))
     if final is None and known is not None and not out.exists():
         return known
     if final is None and report_only:
@@ -201,18 +208,17 @@ def main() -> None:
     parser.add_argument("--q3_seeds", type=int, nargs="+", help="Q3's seeds (default: --seeds)")
     parser.add_argument("--report_only", action="store_true", help="start no run; report the finished ones")
     args = parser.parse_args()
-    RECORDED.update(recorded())
-    q3_seeds, only = args.q3_seeds or args.seeds, args.report_only
+    q3_seeds = args.q3_seeds or args.seeds
     config = yaml.safe_load(CONFIG.read_text())
     epochs = config["epochs"]
+    go = functools.partial(run, epochs=epochs, known_results=recorded(), report_only=args.report_only)
     RUNS.mkdir(parents=True, exist_ok=True)
     generator = ROOT / "bimodal_exps" / "data" / "synthetic.py"
     subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
-    large_scaled = [] if args.skip_q3 else [
-        run("clip", LARGE_BATCH, seed, epochs, "sqrtlr", tuple(scaled_lr_arm(config)), only) for seed in q3_seeds
-    ]  # fmt: skip
-    small = [run(loss, SMALL_BATCH, seed, epochs, report_only=only) for seed in args.seeds for loss in args.losses]
-    large = [] if args.skip_q3 else [run("clip", LARGE_BATCH, seed, epochs, report_only=only) for seed in q3_seeds]
+    scaled = ("sqrtlr", tuple(scaled_lr_arm(config)))
+    large_scaled = [] if args.skip_q3 else [go("clip", LARGE_BATCH, seed, *scaled) for seed in q3_seeds]
+    small = [go(loss, SMALL_BATCH, seed) for seed in args.seeds for loss in args.losses]
+    large = [] if args.skip_q3 else [go("clip", LARGE_BATCH, seed) for seed in q3_seeds]
     large_scaled, small, large = ([r for r in rs if r] for rs in (large_scaled, small, large))
     # Q4 from the first seed whose runs are on disk (a recorded run has no temperatures here)
     tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and Path(r["dir"]).exists()]

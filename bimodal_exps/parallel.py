@@ -120,6 +120,7 @@ def gather_to_main(x: torch.Tensor) -> list[torch.Tensor] | None:
     return parts
 
 
+@torch.no_grad()
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of ``x`` over ranks (one all-reduce; a new tensor)."""
     x = x.clone()

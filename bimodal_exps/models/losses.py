@@ -11,12 +11,13 @@ Per-sample state (``u``, ``tau``, momentum) lives in buffers indexed by dataset 
 ``compute`` returns the step's new values for every sample of the global batch as a
 :class:`StateUpdate`, which writes nothing until ``commit``: the trainer commits it only when
 the optimiser step is taken, so a skipped step (non-finite loss, fp16 overflow) leaves the
-state as it was. Replicated (the default), every rank holds the whole state, the same after
-every commit. Owner-sharded (:meth:`ContrastiveLoss.shard_state`, ALGORITHMS.md 11), each rank
-holds the indices it owns (:class:`OwnerShards`) and fetches its anchors' values each step;
-``state_dict()`` then assembles the whole state on rank 0 (a collective call), so a
-checkpoint is the same whichever the layout and the number of ranks that wrote it. An index that occurs several
-times in one global batch: all occurrences compute from the state before the step, and the
+state as it was. Replicated (a loss module's layout until :meth:`ContrastiveLoss.shard_state`),
+every rank holds the whole state, the same after every commit. Owner-sharded (what clip.py
+uses with several ranks, ALGORITHMS.md 11), each rank holds the indices it owns
+(:class:`OwnerShards`) and fetches its anchors' values each step; ``state_dict()`` then
+assembles the whole state on rank 0 (a collective call), so a checkpoint is the same whichever
+the layout and the number of ranks that wrote it. An index that occurs several times in one
+global batch: all occurrences compute from the state before the step, and the
 value kept is that of the last occurrence in global batch order (rank 0 first).
 
 The GCL losses keep ``log u`` instead of ``u`` so that ``exp(h / tau)`` never
