@@ -12,8 +12,8 @@ Per-sample state (``u``, ``tau``, momentum) lives in buffers indexed by dataset 
 :class:`StateUpdate`, which writes nothing until ``commit``: the trainer commits it only when
 the optimiser step is taken, so a skipped step (non-finite loss, fp16 overflow) leaves the
 state as it was. Replicated (a loss module's layout until :meth:`ContrastiveLoss.shard_state`),
-every rank holds the whole state, the same after every commit. Owner-sharded (what clip.py
-uses with several ranks, ALGORITHMS.md 11), each rank holds the indices it owns
+every rank holds the whole state, the same after every commit. Owner-sharded (clip.py's
+``--state_sharding owner``, ALGORITHMS.md 11), each rank holds the indices it owns
 (:class:`OwnerShards`) and fetches its anchors' values each step; ``state_dict()`` then
 assembles the whole state on rank 0 (a collective call), so a checkpoint is the same whichever
 the layout and the number of ranks that wrote it. An index that occurs several times in one
