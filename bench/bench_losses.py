@@ -63,6 +63,7 @@ LOSSES = [
 SMALL_BATCH, LARGE_BATCH = 64, 512
 DEFAULT_BATCH = 128  # the batch of the default config, for which its lr and warm-up are set
 EPOCHS = 5  # fixed with the protocol, whatever the default config's epochs
+Q4_PLOT = RESULTS / "temperatures_q4.png"
 
 
 def scaled_lr_arm(config: dict) -> list[str]:
@@ -72,22 +73,14 @@ def scaled_lr_arm(config: dict) -> list[str]:
     return ["--lr", f"{lr:g}", "--warmup_steps", str(warmup)]
 
 
-def recorded() -> dict[tuple, dict]:
-    """(loss, batch, seed, arm) -> result, from the last losses.json."""
+def recorded() -> tuple[dict[tuple, dict], list[dict]]:
+    """From the last losses.json: (loss, batch, seed, arm) -> result, and Q4's rows."""
     path = RESULTS / "losses.json"
     if not path.exists():
-        return {}
+        return {}, []
     data = json.loads(path.read_text())
     rows = data["small"] + data["large"] + data.get("large_scaled", [])
-    return {(r["loss"], r["batch"], r["seed"], r.get("arm", "")): r for r in rows}
-
-
-def recorded_q4() -> tuple[list[dict], Path | None]:
-    """Q4's rows and plot from the last losses.json, for a report whose temperature runs are
-    no longer on disk."""
-    path, plot = RESULTS / "losses.json", RESULTS / "temperatures_q4.png"
-    q4 = json.loads(path.read_text()).get("q4", []) if path.exists() else []
-    return q4, plot if q4 and plot.exists() else None
+    return {(r["loss"], r["batch"], r["seed"], r.get("arm", "")): r for r in rows}, data.get("q4", [])
 
 
 def run(
@@ -199,9 +192,8 @@ def temperatures_vs_rarity(runs: list[dict], rarity: dict[int, float], epochs: i
         ax.set_ylabel("learned tau")
         ax.set_title(f"{title}\nSpearman {spearman(x, y):+.3f}", fontsize=9)
     fig.tight_layout()
-    path = RESULTS / "temperatures_q4.png"
-    fig.savefig(path, dpi=110)
-    return results, path
+    fig.savefig(Q4_PLOT, dpi=110)
+    return results, Q4_PLOT
 
 
 def summarise(values: list[float]) -> str:
@@ -222,9 +214,8 @@ def main() -> None:
     args = parser.parse_args()
     q3_seeds = args.q3_seeds or args.seeds
     config = yaml.safe_load(CONFIG.read_text())
-    epochs = EPOCHS
-    go = functools.partial(run, epochs=epochs, known_results=recorded(), report_only=args.report_only)
-    known_q4 = recorded_q4()
+    known_results, known_q4 = recorded()
+    go = functools.partial(run, epochs=EPOCHS, known_results=known_results, report_only=args.report_only)
     RUNS.mkdir(parents=True, exist_ok=True)
     generator = ROOT / "bimodal_exps" / "data" / "synthetic.py"
     subprocess.run([sys.executable, str(generator), "--out", str(ROOT / config["data_path"])], check=True, cwd=ROOT)
@@ -236,9 +227,9 @@ def main() -> None:
     # Q4 from the first seed whose runs are on disk (a recorded run has no temperatures here)
     tempered = [r for r in small if r["loss"] in ("isogclr", "isogclr_tempnet") and Path(r["dir"]).exists()]
     tempered = [r for r in tempered if r["seed"] == min((t["seed"] for t in tempered), default=None)]
-    q4, plot = temperatures_vs_rarity(tempered, rarity_by_index(ROOT / config["data_path"]), epochs)
-    if not q4:
-        q4, plot = known_q4
+    q4, plot = temperatures_vs_rarity(tempered, rarity_by_index(ROOT / config["data_path"]), EPOCHS)
+    if not q4:  # the temperature runs are no longer on disk: the recorded Q4 and its plot
+        q4, plot = known_q4, Q4_PLOT if known_q4 and Q4_PLOT.exists() else None
 
     m = machine()
     by_loss = {loss: [r["r_mean"] for r in small if r["loss"] == loss] for loss in args.losses}
@@ -247,7 +238,7 @@ def main() -> None:
         "",
         f"Machine: {machine_line(m)}.",
         f"Command: `python bench/bench_losses.py --seeds {' '.join(map(str, args.seeds))}`.",
-        f"Protocol (bench/bench_losses.py docstring): the default config, {epochs} epochs, global batch "
+        f"Protocol (bench/bench_losses.py docstring): the default config, {EPOCHS} epochs, global batch "
         f"{SMALL_BATCH}, seeds {args.seeds}; test r_mean of the final model (mean ± sd [min-max] over seeds).",
         "",
         "## Q2: every loss at batch 64",
