@@ -2,11 +2,11 @@
 
 The protocol, fixed before any run and the same for every loss:
 
-- the default run's config (``bimodal_exps/configs/synthetic.yaml``: model, optimiser,
-  learning rate and schedule, augmentation, temperatures ``temp`` = ``tau_init`` = 0.03,
-  ``rho_init`` 2.5, gamma 0.8) with ``EPOCHS`` = 5, the default run's length when the protocol
-  was fixed (passed explicitly: the recorded results stay valid if the default changes), so
-  every loss sees the same samples;
+- the default run's config (``bimodal_exps/configs/synthetic.yaml``: optimiser, learning rate
+  and schedule, augmentation, temperatures ``temp`` = ``tau_init`` = 0.03, ``rho_init`` 2.5,
+  gamma 0.8) with the default run's image tower (``IMAGE_TOWER``) and length (``EPOCHS`` = 5)
+  as they were when the protocol was fixed (passed explicitly: the recorded results stay valid
+  when the default changes), so every loss sees the same samples with the same model;
 - Q2: global batch 64 (one process), seeds 0, 1, 2 (``--seeds``); the cosine gamma schedules
   (fastclip_v0..v3) decay over the run's own epochs instead of the paper's 18;
 - Q3: ``clip`` at batch 512, the same epochs (so the same samples seen, 8x fewer steps), against
@@ -63,6 +63,7 @@ LOSSES = [
 SMALL_BATCH, LARGE_BATCH = 64, 512
 DEFAULT_BATCH = 128  # the batch of the default config, for which its lr and warm-up are set
 EPOCHS = 5  # fixed with the protocol, whatever the default config's epochs
+IMAGE_TOWER = "{img_size: 40, patch_size: 8, embed_dim: 128, depth: 4, num_heads: 4}"  # likewise
 Q4_PLOT = RESULTS / "temperatures_q4.png"
 
 
@@ -108,6 +109,7 @@ def run(
     if final is None:
         cmd = [sys.executable, str(ROOT / "bimodal_exps" / "clip.py"), "--config", str(CONFIG)]
         cmd += ["--ita_type", loss, "--batch_size_train", str(batch), "--seed", str(seed), *extra]
+        cmd += ["--image_encoder_kwargs", IMAGE_TOWER]
         cmd += ["--epochs", str(epochs), "--gamma_decay_epochs", str(epochs), "--output_dir", str(out)]
         cmd += ["--resume", "auto", "--no-distributed"]
         start = time.monotonic()
