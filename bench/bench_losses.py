@@ -240,7 +240,8 @@ def main() -> None:
         "",
         f"Machine: {machine_line(m)}.",
         f"Command: `python bench/bench_losses.py --seeds {' '.join(map(str, args.seeds))}`.",
-        f"Protocol (bench/bench_losses.py docstring): the default config, {EPOCHS} epochs, global batch "
+        f"Protocol (bench/bench_losses.py docstring): the default config with the image tower {IMAGE_TOWER}, "
+        f"{EPOCHS} epochs, global batch "
         f"{SMALL_BATCH}, seeds {args.seeds}; test r_mean of the final model (mean ± sd [min-max] over seeds).",
         "",
         "## Q2: every loss at batch 64",
