@@ -262,7 +262,8 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         """Run a Slurm command (``scontrol``, ``scancel``, ...) against this cluster; its output."""
         return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, check=True, timeout=30).stdout
 
-    def _log_tails(self) -> str:
+    def daemon_logs(self) -> str:
+        """The last lines of every daemon's log, for a failure message."""
         return "\n".join(
             f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:]) for p in sorted(self.logs.iterdir())
         )
@@ -272,9 +273,9 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         while not ready():
             for name, daemon in self._daemons.items():
                 if fail and daemon.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({daemon.returncode}):\n{self._log_tails()}")
+                    raise RuntimeError(f"{name} exited ({daemon.returncode}):\n{self.daemon_logs()}")
             if time.monotonic() > deadline:
                 if fail:
-                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self._log_tails()}")
+                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.daemon_logs()}")
                 return
             time.sleep(0.2)

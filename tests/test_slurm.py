@@ -252,20 +252,23 @@ def test_time_limit_warning_requeues_the_job(slurm, slurm_run, job_name, tmp_pat
     """Slurm's own warning before the time limit stops the training, the job requeues itself and
     resumes; a later scancel stops it for good, after a checkpoint too.
 
-    One minute is Slurm's smallest time limit, and it checks limits every 30 s, sending the
-    warning at the first check less than 30 s before it is due: with the warning 5 s before the
-    end, SIGUSR1 comes 25 to 55 s after the start, once the training has started. The run is
-    far too long to finish, so the test ends it once the requeued job trains."""
+    Slurm checks time limits about every 30 s (PERIODIC_TIMEOUT), and sends the warning at the
+    first check less than the warning time plus 30 s before the end: with a two-minute limit and
+    the warning 50 s before it, SIGUSR1 comes 40 to 70 s after the start, once the training has
+    started (a signal to a step that has not started yet is lost), and 50 s or more before the
+    end, which leaves the warning a check of its own even when a loaded machine delays one
+    (with the warning 5 s before a one-minute limit, a late check sent it together with the
+    kill). The run is far too long to finish, so the test ends it once the requeued job trains."""
     _, config, _ = slurm_run
     out = tmp_path / "run"
-    job_id = start_run(slurm, job_name, config, out, 1000, "--time=1", "--signal=USR1@5")
+    job_id = start_run(slurm, job_name, config, out, 1000, "--time=2", "--signal=USR1@50")
     log_path = REPO / "job_output" / f"{job_name}-{job_id}.out"
 
     def job_log() -> str:
         return log_path.read_text() if log_path.is_file() else ""
 
     wait_for(lambda: "resumed from" in job_log() or slurm.job_state(job_id) in ENDED, 300, "the requeued job")
-    assert "resumed from" in job_log(), job_log()[-4000:]
+    assert "resumed from" in job_log(), job_log()[-4000:] + slurm.daemon_logs()
     resumed_at = len(train_log(out))
     wait_for(lambda: len(train_log(out)) > resumed_at + 2 or slurm.job_state(job_id) in ENDED, 120, "more steps")
     assert slurm.job_state(job_id) == "RUNNING", job_log()[-4000:]
