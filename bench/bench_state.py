@@ -6,7 +6,8 @@ indices in both layouts and report per rank: the bytes of its per-sample state b
 resident memory (VmRSS) before and after building the loss, and for a local batch ``b`` of
 random unit features [b, d]: the wall time of one step's state fetch (the sharded form's two
 collectives, ``OwnerShards.fetch``; an index read when replicated) against the whole loss step
-(forward, backward, state commit). Writes bench/results/state.{json,md}.
+(forward, backward, state commit); and the peak memory of writing the state to checkpoint files,
+of gathering it onto rank 0 instead, and of loading it back. Writes bench/results/state.{json,md}.
 
     python bench/bench_state.py [--data_size 10000000] [--batch 256] [--dim 512] [--loss isogclr]
 """
@@ -39,6 +40,50 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_growth_mb(fn) -> float:
+    """The growth of peak resident memory (VmHWM, reset first) while ``fn`` runs, in MB."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = rss_mb()
+    fn()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024 - before
+    return float("nan")
+
+
+def checkpoint_memory(loss_fn, rank: int, world: int, folder: Path) -> dict[str, float]:
+    """Peak memory growth of this rank while writing the loss state as a checkpoint does
+    (``checkpoint_parts``: a shard file per rank when owner-sharded, rank 0 the whole state when
+    replicated), while gathering the whole state onto rank 0 instead (``state_dict``, the former
+    design; owner-sharded only), and while loading it back (``load_checkpoint_parts``)."""
+    files = [folder / f"shard{r}-of-{world}.pt" for r in range(world)]
+    kept = {}
+
+    def save():
+        state, shard = loss_fn.checkpoint_parts()
+        kept["state"] = {k: v for k, v in state.items() if k not in loss_fn.sample_state}
+        if shard is not None:
+            torch.save(shard, files[rank])
+        elif rank == 0:
+            torch.save(state, files[0])
+
+    out = {"save_peak_mb": peak_growth_mb(save)}
+    dist.barrier()
+    if loss_fn.shards is not None:
+        out["gather_peak_mb"] = peak_growth_mb(loss_fn.state_dict)
+        out["load_peak_mb"] = peak_growth_mb(
+            lambda: loss_fn.load_checkpoint_parts(kept["state"], lambda r: torch.load(files[r]), world)
+        )
+    else:
+        out["gather_peak_mb"] = float("nan")
+        out["load_peak_mb"] = peak_growth_mb(lambda: loss_fn.load_state_dict(torch.load(files[0])))
+    dist.barrier()
+    if rank == 0:
+        for f in files:
+            f.unlink(missing_ok=True)
+    return out
 
 
 def timed(fn, repeats: int) -> float:
@@ -86,6 +131,7 @@ def child(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
             "rss_growth_mb": after - before,
             "fetch_s": timed(fetch, args.repeats),
             "step_s": timed(step, args.repeats),
+            **checkpoint_memory(loss_fn, rank, world, Path(out)),
         }
         del loss_fn
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
@@ -119,16 +165,21 @@ def main() -> None:
         f"{machine_line(m)}; W gloo processes of one thread each on this machine's cores. Per rank (the "
         "largest over ranks): the state buffers' size, the growth of resident memory when the loss is built, "
         f"and the median wall time of one step's state fetch and of the whole loss step at b = {args.batch}, "
-        f"d = {args.dim}.",
+        f"d = {args.dim}. Checkpoint columns: the growth of peak resident memory (VmHWM) while "
+        "writing the loss state as the trainer does (owner: every rank its shard file; replicated: rank 0 "
+        "the whole state), while gathering the whole state onto rank 0 instead (the former design), and "
+        "while loading it back into the same layout.",
         "",
-        "| W | layout | state per rank (MB) | RSS growth (MB) | fetch per step (ms) | loss step (ms) | fetch / step |",
-        "|---|---|---|---|---|---|---|",
+        "| W | layout | state per rank (MB) | RSS growth (MB) | fetch per step (ms) | loss step (ms) | fetch / step "
+        "| save peak (MB) | gather-to-rank-0 peak (MB) | load peak (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for world, by_layout in rows.items():
         for layout, r in by_layout.items():
             lines.append(
                 f"| {world} | {layout} | {r['state_mb']:.1f} | {r['rss_growth_mb']:.1f} | {1e3 * r['fetch_s']:.2f} | "
-                f"{1e3 * r['step_s']:.2f} | {r['fetch_s'] / r['step_s']:.3f} |"
+                f"{1e3 * r['step_s']:.2f} | {r['fetch_s'] / r['step_s']:.3f} | {r['save_peak_mb']:.1f} | "
+                f"{r['gather_peak_mb']:.1f} | {r['load_peak_mb']:.1f} |"
             )
     write_results("state", {"machine": m, "args": vars(args), "rows": rows}, lines)
 

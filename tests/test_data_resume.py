@@ -253,3 +253,47 @@ def test_a_stream_stops_at_its_share(tmp_path, tokenizer, workers):
     assert positions[-1]["finished"] == [True] * max(workers, 1)
     seen = [i for b in batches for i in b["image_idx"].tolist()]
     assert len(seen) == len(set(seen)) == 16
+
+
+def rows_of(batch: dict) -> dict[int, tuple]:
+    """A batch by row (text_idx): its augmented image and tokens."""
+    return {
+        int(t): (batch["image"][i], batch["input_ids"][i], int(batch["image_idx"][i]))
+        for i, t in enumerate(batch["text_idx"])
+    }
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for row, (image, ids, image_idx) in want.items():
+        assert torch.equal(got[row][0], image) and torch.equal(got[row][1], ids) and got[row][2] == image_idx, row
+
+
+def test_caption_json_position_rebases_to_another_number_of_ranks(caption_files, tokenizer, shard_root):
+    """A step boundary saved by rank 0 of 2 ranks x 3 rows continues, on 1 rank x 6 rows or
+    on 1 rank x 3 rows x 2 micro-batches, with the same rows in each global batch and the same
+    augmentation of each row; another global batch, or shards, cannot continue."""
+    ranks = [run_epoch(caption_data(caption_files, tokenizer, rank=r, world_size=2)) for r in range(2)]
+    saved = ranks[0][1][0]  # rank 0 after the first step
+    global_batches = [rows_of(a) | rows_of(b) for a, b in zip(ranks[0][0], ranks[1][0], strict=True)]
+
+    one = caption_data(caption_files, tokenizer, batch_size=6)
+    position = one.rebase(saved, 1, 1)
+    assert position["batches"] == 1 and position["world_size"] == 1
+    rest, _ = run_epoch(one, position)
+    assert len(rest) == len(global_batches) - 1
+    for got, want in zip(rest, global_batches[1:], strict=True):
+        assert_same_rows(rows_of(got), want)
+
+    micro = caption_data(caption_files, tokenizer, batch_size=3)
+    position = micro.rebase(saved, 1, 2)
+    assert position["batches"] == 2
+    rest, _ = run_epoch(micro, position)
+    for k, want in enumerate(global_batches[1:]):
+        assert_same_rows(rows_of(rest[2 * k]) | rows_of(rest[2 * k + 1]), want)
+
+    assert micro.rebase(saved, 1, 1) is None  # a global batch of 3, not 6
+    assert one.rebase({**saved, "batches": 4}, 2, 2)["batches"] == 4  # 2 x 3 x 2 rows, as 1 x 6 x 2
+    assert one.rebase({**saved, "batches": 3}, 2, 2) is None  # inside a step of 2 micro-batches
+    assert caption_data(caption_files, tokenizer, batch_size=6, seed=5).rebase(saved, 1, 1) is None
+    assert shard_data(shard_root, tokenizer, batch_size=6).rebase(saved, 1, 1) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -94,16 +95,25 @@ def make_steps() -> list[dict]:
 
 
 def run_steps(
-    loss_name: str, hp: dict, steps: list[dict], rows: slice, sharded: bool = False, start: dict | None = None
+    loss_name: str,
+    hp: dict,
+    steps: list[dict],
+    rows: slice,
+    sharded: bool = False,
+    start: dict | Callable | None = None,
+    after: Callable | None = None,
 ) -> list[dict]:
     """Feed ``rows`` of every step to one loss module (``sharded``: its per-sample state
-    owner-sharded over the ranks; ``start``: a state_dict to begin from); per step: loss,
+    owner-sharded over the ranks; ``start``: a state_dict to begin from, or a function that
+    loads the module; ``after``: a function given the module at the end); per step: loss,
     gradients, whole state."""
     torch.manual_seed(0)  # the same initial temperature networks on every rank and in the reference
     loss_fn = build_loss(loss_name, data_size=N, embed_dim=DIM, **hp)
     if sharded:
         loss_fn.shard_state(dist.get_rank(), dist.get_world_size())
-    if start is not None:
+    if callable(start):
+        start(loss_fn)
+    elif start is not None:
         loss_fn.load_state_dict(start)
     results = []
     for step in steps:
@@ -123,6 +133,8 @@ def run_steps(
             }
         )
         loss_fn.zero_grad()
+    if after is not None:
+        after(loss_fn)
     return results
 
 
@@ -167,6 +179,44 @@ def _resume_main(rank: int, world: int, port: int, out_dir: str, steps: list[dic
                 if rank == 0:
                     whole = torch.load(saved, weights_only=True) if saved.exists() else {}
                     torch.save({**whole, case: state}, saved)
+    finally:
+        dist.destroy_process_group()
+
+
+def _parts_main(rank: int, world: int, port: int, out_dir: str, steps: list[dict], resume: bool) -> None:
+    """As ``_resume_main``, through the checkpoint's own path: every rank saves its
+    ``checkpoint_parts`` shard to a file of its own (rank 0 the rest of the state); resuming,
+    ``load_checkpoint_parts`` reads the saved shards one at a time."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        local = BATCH // world
+        rows = slice(rank * local, (rank + 1) * local)
+        out = Path(out_dir)
+        for case, (name, hp) in CASES.items():
+            if resume:
+                state, saved_world = torch.load(out / f"parts-{case}.pt", weights_only=True)
+
+                def load(loss_fn, state=state, saved_world=saved_world, case=case):
+                    if saved_world is None:
+                        loss_fn.load_state_dict(state)
+                    else:
+                        shard = lambda r: torch.load(out / f"parts-{case}-shard{r}.pt", weights_only=True)  # noqa: E731
+                        loss_fn.load_checkpoint_parts(state, shard, saved_world)
+
+                results = run_steps(name, hp, steps[2:], rows, sharded=True, start=load)
+                torch.save(results, out / f"parts-{case}-W{world}-rank{rank}.pt")
+            else:
+
+                def save(loss_fn, case=case):
+                    state, shard = loss_fn.checkpoint_parts()
+                    if shard is not None:
+                        assert state.keys().isdisjoint(loss_fn.sample_state), "the arrays stay in the shards"
+                        torch.save(shard, out / f"parts-{case}-shard{rank}.pt")
+                    if rank == 0:
+                        torch.save((state, None if shard is None else world), out / f"parts-{case}.pt")
+
+                run_steps(name, hp, steps[:2], rows, sharded=True, after=save)
     finally:
         dist.destroy_process_group()
 
@@ -268,3 +318,50 @@ def test_state_resumes_on_another_number_of_ranks(tmp_path):
             assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
             for r, g in enumerate(got):
                 check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
+
+
+def test_shard_files_resume_on_another_number_of_ranks(tmp_path):
+    """TARGETS S3 through the checkpoint's format: shards saved by 2 ranks, each in its own
+    file, loaded by 1 rank (whole arrays) and by 3 (their own shards), continue exactly as one
+    process that never stopped."""
+    steps = make_steps()
+    spawn_ranks(2, tmp_path, steps, 180.0, _parts_main, False)
+    shard = torch.load(tmp_path / "parts-isogclr-shard1.pt", weights_only=True)
+    assert {k: len(v) for k, v in shard.items()} == {k: N // 2 for k in build_loss("isogclr", N).sample_state}
+    for world in (1, 3):
+        spawn_ranks(world, tmp_path, steps, 180.0, _parts_main, True)
+    for case, (name, hp) in CASES.items():
+        want = run_steps(name, hp, steps, slice(None))[2]
+        for world in (1, 3):
+            got = [torch.load(tmp_path / f"parts-{case}-W{world}-rank{r}.pt")[0] for r in range(world)]
+            what = f"{case} resumed from shard files on {world} rank(s)"
+            mean_loss = torch.stack([g["loss"] for g in got]).mean()
+            assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
+            for r, g in enumerate(got):
+                check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
+
+
+def test_shard_files_load_in_chunks_into_any_layout(monkeypatch):
+    """``load_checkpoint_parts`` in chunks of 3 positions: shards of 11 indices saved by 2 or 3
+    ranks land at the right place whole (1 rank) and in every rank's shard of 2 and 4."""
+    import models.losses
+
+    monkeypatch.setattr(models.losses, "LOAD_CHUNK", 3)
+    n = 11
+    saved = build_loss("isogclr", n)
+    whole = {
+        name: (torch.arange(n) % 3 == 0) if buf.dtype == torch.bool else torch.arange(n, dtype=buf.dtype) + 0.5
+        for name, buf in ((name, getattr(saved, name)) for name in saved.sample_state)
+    }
+    rest = {k: v for k, v in saved.state_dict().items() if k not in whole}
+    for saved_world in (2, 3):
+        files = {r: {k: v[r::saved_world].clone() for k, v in whole.items()} for r in range(saved_world)}
+        for world in (1, 2, 4):
+            for rank in range(world):
+                loaded = build_loss("isogclr", n)
+                loaded.shard_state(rank, world)
+                loaded.load_checkpoint_parts(rest, files.__getitem__, saved_world)
+                for name, values in whole.items():
+                    want = values[rank::world]
+                    got = getattr(loaded, name)[: len(want)]
+                    assert torch.equal(got, want), f"{name}: saved by {saved_world}, rank {rank} of {world}"

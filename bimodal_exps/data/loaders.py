@@ -105,6 +105,26 @@ class TrainData:
         moved = {**position, "batches": position["batches"] + 1}
         return self.stream.advance(moved, batch) if self.stream is not None else moved
 
+    def rebase(self, position: dict, saved_accum_freq: int, accum_freq: int) -> dict | None:
+        """This rank's position at the global place of ``position``, a step boundary saved by
+        rank 0 of a run with other ranks, per-rank batch or ``--accum_freq``
+        (``saved_accum_freq``); None where this data cannot continue from there.
+
+        Caption JSON continues when the global batch (accum_freq x batch_size x world_size) is
+        the same: every number of ranks then deals the same rows to each global batch, and
+        each row's augmentation depends on (seed, epoch, row) only. Shards cannot: which
+        samples a rank reads depends on how whole shards fall to the ranks."""
+        settings = self.settings
+        if self.stream is not None or any(position.get(k) != settings[k] for k in ("source", "rows", "seed")):
+            return None
+        saved_global = saved_accum_freq * position["batch_size"] * position["world_size"]
+        if saved_global != accum_freq * settings["batch_size"] * settings["world_size"]:
+            return None
+        if position["batches"] % saved_accum_freq:
+            return None  # not at a step boundary
+        steps = position["batches"] // saved_accum_freq
+        return {**settings, "epoch": position["epoch"], "batches": steps * accum_freq}
+
     def _check(self, position: dict, epoch: int) -> None:
         if not isinstance(position, dict):
             raise ValueError(f"the saved data position must be a dict, got {type(position).__name__}")

@@ -5,7 +5,9 @@ Schema (``Trainer.state_dict``): ``model``, ``loss`` (the loss's buffers and par
 state), ``optimizer``, ``scheduler``, ``scaler`` (state dicts); ``progress`` (``epoch``: epochs
 done, ``epoch_step``, ``step``, ``samples_seen``, ``skipped_steps``, ``amp_skipped_steps``);
 ``best`` (``r_mean``, ``epoch``); ``world_size``; ``per_rank`` (per rank: ``data_position``,
-``rng``, ``bad_data``); ``config`` (the run's resolved settings).
+``rng``, ``bad_data``); ``config`` (the run's resolved settings). With owner-sharded loss state
+also ``loss_shards`` (``world``, ``files``: the shard file of each rank, beside the checkpoint,
+``{"step", "arrays": name -> [slots]}``), and ``loss`` lacks the per-sample arrays.
 
 Rank 0 alone decides which checkpoint a run continues from (``--resume auto``: the newest of its
 output folder) and every rank loads that file: on node-local or lagging storage another rank
@@ -60,6 +62,10 @@ def load_on_every_rank(path: str | Path, purpose: str) -> dict:
     try:
         state = load_checkpoint(path)
         step = state["progress"]["step"]
+        shards = state.get("loss_shards", {}).get("files", [])
+        missing = [name for name in shards if not (Path(path).parent / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"its loss state shard files {', '.join(missing)} are missing beside it")
     except Exception as err:  # unreadable, truncated, not a checkpoint: all ranks must hear of it
         step, error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     reports = parallel.gather_objects((step, error))

@@ -90,7 +90,7 @@ def train(
     after a checkpoint. Rank 0 writes learned temperatures to ``output_dir``."""
     progress, model, loss_fn = trainer.progress, trainer.model, trainer.loss_fn
     if start.resume:
-        trainer.load_state_dict(start.state)
+        trainer.load_state_dict(start.state, start.run_dir, data)
         trainer.run_log.resume_at(progress.step)
         log.info(
             "resumed from %s: epoch %d, step %d (%d into the epoch), %d samples seen",

@@ -21,7 +21,9 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ from tqdm import tqdm
 
 import parallel
 from engine.accumulate import accumulate_gradients
-from engine.checkpoint import CheckpointDir
+from engine.checkpoint import CheckpointDir, read_shard, shard_file_name
+from engine.resume import CheckpointError
 from engine.run_log import RunLog
 from engine.step import ContrastiveStep, broadcast_buffers, wrap_for_training
 from engine.stop import StopRequest
@@ -217,7 +220,12 @@ class Trainer:
         return counts
 
     def state_dict(self) -> dict:
-        """Everything the run depends on. A collective call: rank 0's model buffers are
+        """Everything the run depends on, whole (owner-sharded per-sample arrays gathered onto
+        rank 0: see ``ContrastiveLoss.state_dict``). A collective call."""
+        return self._state(self.loss_fn.state_dict())
+
+    def _state(self, loss_state: dict) -> dict:
+        """The checkpoint around ``loss_state``. A collective call: rank 0's model buffers are
         broadcast first (so every rank goes on with the checkpoint's BatchNorm statistics), and
         the per-rank parts (data position, random states, bad-sample counts) of every rank are
         gathered into the one state."""
@@ -233,7 +241,7 @@ class Trainer:
         )
         return {
             "model": self.model.state_dict(),
-            "loss": self.loss_fn.state_dict(),
+            "loss": loss_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -245,46 +253,102 @@ class Trainer:
             "config": self.config,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint; with another number of ranks, or a data position this code
-        cannot continue, the epoch in progress restarts."""
+    def load_state_dict(self, state: dict, directory: str | Path | None = None, data=None) -> None:
+        """Restore a checkpoint (``directory``: its folder, which holds the loss state shard
+        files its ``loss_shards`` manifest names; a collective call then). Written by another
+        number of ranks or with another ``--accum_freq``, the epoch in progress continues where
+        this run's ``data`` can take it up at the same global place (``TrainData.rebase``: the
+        same global batch, caption JSON), else it restarts from its first batch."""
         self.model.load_state_dict(state["model"])
-        self.loss_fn.load_state_dict(state["loss"])
+        if "loss_shards" in state:
+            self._load_loss_shards(state, Path(directory))
+        else:
+            self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         vars(self.progress).update(state["progress"])  # in place: callers may hold self.progress
         self.outcomes.restore(self.progress.skipped_steps, self.progress.amp_skipped_steps)
         self.best = dict(state["best"])
-        saved_accum = state.get("accum_freq", 1)  # checkpoints from before --accum_freq: 1
-        if state["world_size"] == parallel.world_size() and saved_accum == self.accum_freq:
+        saved_world, saved_accum = state["world_size"], state.get("accum_freq", 1)  # older checkpoints: 1
+        if saved_world == parallel.world_size() and saved_accum == self.accum_freq:
             mine = state["per_rank"][parallel.rank()]
             self.data_position = mine["data_position"]
             self.bad_data.load_state_dict(mine["bad_data"])
             _set_rng_state(mine["rng"], self.device)
-        elif self.progress.epoch_step:
+            return
+        if not self.progress.epoch_step:
+            return
+        saved = state["per_rank"][0]["data_position"]
+        self.data_position = None if data is None or saved is None else data.rebase(saved, saved_accum, self.accum_freq)
+        what = (
+            f"the checkpoint was written by {saved_world} ranks with --accum_freq {saved_accum}, this run has "
+            f"{parallel.world_size()} and {self.accum_freq}"
+        )
+        if self.data_position is not None:
             log.warning(
-                "the checkpoint was written by %d ranks with --accum_freq %d, this run has %d and %d: epoch %d "
-                "restarts from its first batch (its %d finished steps stay trained)",
-                state["world_size"],
-                saved_accum,
-                parallel.world_size(),
-                self.accum_freq,
+                "%s: epoch %d continues after its %d finished steps with the same global batches (random "
+                "states and bad-sample counts start afresh)",
+                what,
                 self.progress.epoch,
                 self.progress.epoch_step,
             )
-            self.progress.epoch_step, self.data_position = 0, None
+            return
+        log.warning(
+            "%s: epoch %d restarts from its first batch (its %d finished steps stay trained; only caption-JSON "
+            "data with the same global batch continues mid-epoch)",
+            what,
+            self.progress.epoch,
+            self.progress.epoch_step,
+        )
+        self.progress.epoch_step = 0
+
+    def _load_loss_shards(self, state: dict, directory: Path) -> None:
+        """The loss state from the checkpoint and the shard files of the ranks that wrote it,
+        read one at a time; every rank raises CheckpointError when one rank cannot."""
+        manifest, step = state["loss_shards"], state["progress"]["step"]
+        error = None
+        try:
+            self.loss_fn.load_checkpoint_parts(
+                state["loss"], lambda r: read_shard(directory / manifest["files"][r], step), manifest["world"]
+            )
+        except Exception as err:  # every rank must hear of it, or the others wait in the next collective
+            error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        problems = [f"rank {r}: {e}" for r, e in enumerate(parallel.gather_objects(error)) if e]
+        if problems:
+            raise CheckpointError(
+                f"cannot load the loss state shards ({', '.join(manifest['files'])}) in {directory}: "
+                f"{'; '.join(problems)}; every rank must see every shard file of the checkpoint",
+                parallel.rank(),
+            )
 
     def save_step_checkpoint(self) -> None:
-        state = self.state_dict()  # every rank takes part
-        if parallel.is_main_process():
-            path = self.checkpoints.save_step(state, self.progress.step)
+        step = self.progress.step
+        path = self._save(self.checkpoints.step_name(step), lambda state: self.checkpoints.save_step(state, step))
+        if path is not None:
             log.info("saved %s", path)
 
     def save_epoch_checkpoint(self, epoch: int, is_best: bool) -> None:
-        state = self.state_dict()
-        if parallel.is_main_process():
-            self.checkpoints.save_epoch(state, epoch, is_best)
+        self._save(self.checkpoints.epoch_name(epoch), lambda state: self.checkpoints.save_epoch(state, epoch, is_best))
+
+    def _save(self, name: str, write: Callable[[dict], Path]) -> Path | None:
+        """Checkpoint ``name`` (a collective call). Owner-sharded loss state: every rank first
+        writes its shard to a file of its own (so that no rank gathers the whole state); then
+        rank 0 writes the checkpoint with ``write``, its ``loss_shards`` manifest naming them.
+        Returns the path on rank 0."""
+        loss_state, shard = self.loss_fn.checkpoint_parts()
+        state = self._state(loss_state)
+        if shard is not None:
+            rank, world, error = parallel.rank(), parallel.world_size(), None
+            try:
+                self.checkpoints.save_shard({"step": self.progress.step, "arrays": shard}, name, rank, world)
+            except OSError as err:
+                error = f"rank {rank}: {err}"
+            errors = [e for e in parallel.gather_objects(error) if e]
+            if errors:
+                raise TrainingError(f"cannot write the loss state shards of {name}: {'; '.join(errors)}")
+            state["loss_shards"] = {"world": world, "files": [shard_file_name(name, r, world) for r in range(world)]}
+        return write(state) if parallel.is_main_process() else None
 
     # ---- the loop ----------------------------------------------------------------------
 

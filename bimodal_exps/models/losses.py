@@ -14,9 +14,10 @@ the optimiser step is taken, so a skipped step (non-finite loss, fp16 overflow) 
 state as it was. Replicated (a loss module's layout until :meth:`ContrastiveLoss.shard_state`),
 every rank holds the whole state, the same after every commit. Owner-sharded (clip.py's
 ``--state_sharding owner``, ALGORITHMS.md 11), each rank holds the indices it owns
-(:class:`OwnerShards`) and fetches its anchors' values each step; ``state_dict()`` then
-assembles the whole state on rank 0 (a collective call), so a checkpoint is the same whichever
-the layout and the number of ranks that wrote it. An index that occurs several times in one
+(:class:`OwnerShards`) and fetches its anchors' values each step; a checkpoint then holds
+each rank's shard in a file of its own (``checkpoint_parts``), which any layout on any number
+of ranks loads (``load_checkpoint_parts``), and ``state_dict()`` assembles the whole state on
+rank 0 (a collective call). An index that occurs several times in one
 global batch: all occurrences compute from the state before the step, and the
 value kept is that of the last occurrence in global batch order (rank 0 first).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,6 +47,8 @@ import parallel
 LOSS_ALIASES = {"sogclr_dro": "isogclr", "isogclr_new": "isogclr_tempnet", "fastclip_v1": "sogclr"}
 # Defaults a loss name brings (the FastCLIP paper's CC3M set-up, ALGORITHMS.md 5 and 9) in place
 # of the general ones, where the user sets no value. fastclip_v1 is sogclr with these.
+# positions per chunk when a checkpoint's state shards are loaded (int64 temporaries of 8 MB)
+LOAD_CHUNK = 1 << 20
 _FASTCLIP_GAMMA = {"gamma_schedule": "cosine", "sogclr_gamma": 0.2, "gamma_decay_epochs": 18}
 LOSS_PRESETS: dict[str, dict[str, Any]] = {
     "fastclip_v0": _FASTCLIP_GAMMA,
@@ -402,10 +406,10 @@ class ContrastiveLoss(nn.Module):
         return dict(zip(self.sample_state, values, strict=True))
 
     def state_dict(self, *args, **kwargs):
-        """As nn.Module's. Owner-sharded, a collective call: on rank 0 (which writes the
-        checkpoints) the per-sample arrays are whole, gathered one at a time onto its host; the
-        other ranks' state leaves them out, so that no rank but rank 0 holds more than its
-        shard, and rank 0's device no more than one whole array at a time."""
+        """As nn.Module's. Owner-sharded, a collective call: on rank 0 the per-sample arrays
+        are whole, gathered one at a time onto its host (for a notebook or a test; checkpoints
+        use :meth:`checkpoint_parts`, which gathers nothing); the other ranks' state leaves
+        them out."""
         state = super().state_dict(*args, **kwargs)
         if self.shards is not None:
             prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
@@ -416,6 +420,46 @@ class ContrastiveLoss(nn.Module):
                 else:
                     state[prefix + name] = whole
         return state
+
+    def checkpoint_parts(self) -> tuple[dict, dict[str, torch.Tensor] | None]:
+        """What a checkpoint holds of this loss: (state, shard). Replicated: ``state_dict()``
+        and None. Owner-sharded (not a collective call): the state without the per-sample
+        arrays, and this rank's shard of each, name -> [slots] on the host, for its own file,
+        so that no rank ever holds more than its share (see :meth:`load_checkpoint_parts`)."""
+        if self.shards is None:
+            return self.state_dict(), None
+        state = nn.Module.state_dict(self)  # the shards as they are: nothing gathered
+        # a view of the live buffer (torch.save writes it at once); on a GPU, a copy on the host
+        shard = {name: state.pop(name)[: self.shards.slots].cpu() for name in self.sample_state}
+        return state, shard
+
+    def load_checkpoint_parts(
+        self, state: dict, read_shard: Callable[[int], dict[str, torch.Tensor]], saved_world: int
+    ) -> None:
+        """Load ``state`` and the per-sample arrays that ``saved_world`` owner-sharded ranks
+        saved in files of their own (``read_shard(s)``: rank s's arrays, name -> [slots]),
+        into this module's layout on any number of ranks: each saved shard is read once, in
+        turn, and this rank keeps the entries it holds; so a rank holds at most its share
+        plus one saved shard. Not a collective call."""
+        missing, unexpected = nn.Module.load_state_dict(self, state, strict=False)
+        if unexpected or set(missing) != set(self.sample_state):
+            raise RuntimeError(
+                f"the checkpoint's loss state does not fit {type(self).__name__}: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        first, stride = (0, 1) if self.shards is None else (self.shards.rank, self.shards.world)
+        positions = len(range(first, self.data_size, stride))  # position p holds index first + p * stride
+        for saved_rank in range(saved_world):
+            part = read_shard(saved_rank)
+            for start in range(0, positions, LOAD_CHUNK):  # chunks: index temporaries stay small
+                held = first + stride * torch.arange(start, min(start + LOAD_CHUNK, positions))
+                mine = held % saved_world == saved_rank
+                take = start + mine.nonzero().squeeze(1)  # positions in this layout
+                source = held[mine] // saved_world  # slots in the saved shard
+                for name in self.sample_state:
+                    buffer = getattr(self, name)
+                    buffer[take.to(buffer.device)] = part[name][source].to(buffer.device, buffer.dtype)
+            del part
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # checkpoints hold whole arrays (any layout, any number of ranks): keep this rank's shard
