@@ -298,6 +298,15 @@ def test_ranks_match_single_process(world, tmp_path):
                 check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
 
 
+def check_resumed(folder: Path, prefix: str, world: int, want: dict, what: str) -> None:
+    """The resumed step of ``world`` ranks (files ``<prefix>-rank<r>.pt``) against one process's."""
+    got = [torch.load(folder / f"{prefix}-rank{r}.pt")[0] for r in range(world)]
+    mean_loss = torch.stack([g["loss"] for g in got]).mean()
+    assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
+    for r, g in enumerate(got):
+        check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
+
+
 def test_state_resumes_on_another_number_of_ranks(tmp_path):
     """TARGETS S3: the whole state saved by 2 ranks with owner-sharded state, loaded by 1 and by 3
     ranks (their own shards), continues exactly as one process that never stopped."""
@@ -310,14 +319,8 @@ def test_state_resumes_on_another_number_of_ranks(tmp_path):
         single = run_steps(name, hp, steps, slice(None))
         if single[1]["state"]:
             check_state(saved[case], single[1]["state"], f"{case} saved by 2 ranks")
-        want = single[2]
         for world in (1, 3):
-            got = [torch.load(tmp_path / f"{case}-W{world}-rank{r}.pt")[0] for r in range(world)]
-            what = f"{case} resumed on {world} rank(s)"
-            mean_loss = torch.stack([g["loss"] for g in got]).mean()
-            assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
-            for r, g in enumerate(got):
-                check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
+            check_resumed(tmp_path, f"{case}-W{world}", world, single[2], f"{case} resumed on {world} rank(s)")
 
 
 def test_shard_files_resume_on_another_number_of_ranks(tmp_path):
@@ -333,12 +336,8 @@ def test_shard_files_resume_on_another_number_of_ranks(tmp_path):
     for case, (name, hp) in CASES.items():
         want = run_steps(name, hp, steps, slice(None))[2]
         for world in (1, 3):
-            got = [torch.load(tmp_path / f"parts-{case}-W{world}-rank{r}.pt")[0] for r in range(world)]
             what = f"{case} resumed from shard files on {world} rank(s)"
-            mean_loss = torch.stack([g["loss"] for g in got]).mean()
-            assert_matches(mean_loss, want["loss"], RTOL, f"{what}: mean loss", scale_floor=1.0)
-            for r, g in enumerate(got):
-                check_rank_state(g, want["state"], r, world, f"{what} rank {r}")
+            check_resumed(tmp_path, f"parts-{case}-W{world}", world, want, what)
 
 
 def test_shard_files_load_in_chunks_into_any_layout(monkeypatch):
