@@ -42,7 +42,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bimodal_exps"))
 from common import RESULTS, machine, machine_line
+from engine.temperatures import read_temperatures, snapshot_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "bimodal_exps" / "configs" / "synthetic.yaml"
@@ -172,12 +174,12 @@ def temperatures_vs_rarity(runs: list[dict], rarity: dict[int, float], epochs: i
 
     results, panels = [], []
     for r in runs:
-        npz = Path(r["dir"]) / "temperatures" / f"epoch_{epochs - 1}.npz"
-        if not npz.exists():
+        folder = Path(r["dir"]) / "temperatures"
+        if epochs - 1 not in snapshot_epochs(folder):
             continue
-        arrays = np.load(npz)
+        snapshot = read_temperatures(folder, epochs - 1)
         for side in ("image", "text"):
-            idx, tau = arrays[f"{side}_index"], arrays[f"{side}_tau"]
+            idx, tau = snapshot[side]
             keep = np.array([int(i) in rarity for i in idx])
             x, y = np.array([rarity[int(i)] for i in idx[keep]]), tau[keep]
             row = {"loss": r["loss"], "seed": r["seed"], "side": side, "n": len(x), "spearman": spearman(x, y)}

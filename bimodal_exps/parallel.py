@@ -130,6 +130,15 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of ``x`` over ranks (one all-reduce; a new tensor)."""
+    x = x.clone()
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+@torch.no_grad()
 def average_gradients(params: list[torch.Tensor], bucket_elements: int = 2**24) -> None:
     """Average ``p.grad`` over ranks in place, as DDP does: all-reduces of flat buckets of at
     most ``bucket_elements`` values per dtype. Every rank must hold the same parameters with

@@ -7,7 +7,8 @@ Reads what a run writes (README "What a run writes") and writes
                    temperatures, lr, the loss's other statistics) against the step;
 ``recall.png``     ``r_mean`` and the six recalls (and zero-shot accuracy) of each evaluated
                    dataset in ``eval.jsonl`` against the epoch (-1: the untrained model);
-``temperatures.png`` histograms of the per-sample temperatures of every ``temperatures/epoch_<e>.npz``.
+``temperatures.png`` histograms of the per-sample temperatures of every ``temperatures/epoch_<e>`` snapshot
+                   (whole, or in the parts of an owner-sharded run).
 A plot whose input is missing is left out; a folder without ``log.jsonl`` is an error (exit 2).
 """
 
@@ -25,6 +26,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure  # no pyplot: renders with Agg, no GUI backend or global state
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from engine.temperatures import read_temperatures, snapshot_epochs
 
 # training panels: (title, log.jsonl keys drawn in it); a panel appears when any of its keys does
 TRAINING_PANELS = (
@@ -130,25 +133,23 @@ def plot_recall(records: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _epoch_of(snapshot: Path) -> int:
-    return int(snapshot.stem.removeprefix("epoch_"))
-
-
 def plot_temperatures(folder: Path, path: Path) -> Path | None:
     """Per modality, the histogram of the learned temperatures after each epoch (colour: epoch, log
     scale, shared bins); None when the folder holds no snapshots."""
-    snapshots = sorted(folder.glob("epoch_*.npz"), key=_epoch_of)
-    if not snapshots:
-        return None
+    epochs = snapshot_epochs(folder)
     taus: dict[str, dict[int, np.ndarray]] = {}
-    for snapshot in snapshots:
-        with np.load(snapshot) as arrays:
-            for key in arrays.files:
-                if key.endswith("_tau") and arrays[key].size:
-                    taus.setdefault(key.removesuffix("_tau"), {})[_epoch_of(snapshot)] = arrays[key]
+    for epoch in list(epochs):
+        try:
+            snapshot = read_temperatures(folder, epoch)
+        except FileNotFoundError as e:  # the parts of a running sharded run, still being written
+            print(f"skipped: {e}", file=sys.stderr)
+            epochs.remove(epoch)
+            continue
+        for side, (_, tau) in snapshot.items():
+            if tau.size:
+                taus.setdefault(side, {})[epoch] = tau
     if not taus:
         return None
-    epochs = [_epoch_of(s) for s in snapshots]
     colours = ScalarMappable(Normalize(min(epochs), max(max(epochs), min(epochs) + 1)), "viridis")
     fig, axes = _grid(len(taus), 5.5, 3.5)
     for ax, (name, by_epoch) in zip(axes, taus.items(), strict=True):

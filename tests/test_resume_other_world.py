@@ -6,7 +6,8 @@ stopped, mid-epoch too.
 
 The caption-JSON source gives every number of ranks the same global batches (see
 test_torchrun.py), so a resumed run must log the losses and mean temperatures of the
-uninterrupted 2-rank run's remaining steps, to float rounding.
+uninterrupted 2-rank run's remaining steps, to float rounding. The epoch's temperature
+snapshot is written the same way: each rank its own indices, read back whole.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint
+from engine.temperatures import read_temperatures
 from tiny_run import tiny_run_args
 
 CLIP = Path(__file__).resolve().parents[1] / "bimodal_exps" / "clip.py"
@@ -71,12 +74,23 @@ def test_sharded_checkpoint_resumes_mid_epoch_on_one_and_three_ranks(tiny_datase
     assert kept == [*files, *(n.replace("step50", "step60") for n in files)]
     assert sorted(p.name for p in two.glob("checkpoint_1.state-*")) == [n.replace("_step50", "_1") for n in files]
 
+    # the temperature snapshots: each rank wrote the indices it owns, nobody gathered them
+    assert sorted(p.name for p in (two / "temperatures").iterdir()) == [
+        f"epoch_{e}{suffix}" for e in (0, 1) for suffix in (".part-0-of-2.npz", ".part-1-of-2.npz", ".png")
+    ]
+    for r in (0, 1):
+        with np.load(two / "temperatures" / f"epoch_1.part-{r}-of-2.npz") as part:
+            assert len(part["image_index"]) > 150 and (part["image_index"] % 2 == r).all()
+    snapshot = read_temperatures(two / "temperatures", 1)
+    assert (np.diff(snapshot["text"][0]) > 0).all() and len(snapshot["text"][0]) > 300
+
     want = steps_after(two, 50)
     for nproc in (1, 3):
         out = tmp_path / f"resumed-on-{nproc}"
         out.mkdir()
         for name in ("checkpoint_step50.pth", *files):
             shutil.copy(two / name, out / name)
+        shutil.copytree(two / "temperatures", out / "temperatures")  # epoch 1's is replaced, in its form
         args = tiny_run_args(tiny_dataset, out, **COMMON, batch_size_train=GLOBAL_BATCH // nproc)
         done = run(nproc, [*args, "--resume", str(out / "checkpoint_step50.pth")])
         assert "epoch 1 continues after its 17 finished steps with the same global batches" in done.stdout + done.stderr
@@ -85,6 +99,11 @@ def test_sharded_checkpoint_resumes_mid_epoch_on_one_and_three_ranks(tiny_datase
         assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], rel=2e-2)
         assert [s["tau_I"] for s in got] == pytest.approx([s["tau_I"] for s in want], rel=1e-4)
         assert [s["tau_T"] for s in got] == pytest.approx([s["tau_T"] for s in want], rel=1e-4)
+        left = sorted(p.name for p in (out / "temperatures").glob("epoch_1.*npz"))
+        assert left == (["epoch_1.npz"] if nproc == 1 else [f"epoch_1.part-{r}-of-3.npz" for r in range(3)])
+        for side, (idx, tau) in read_temperatures(out / "temperatures", 1).items():
+            np.testing.assert_array_equal(idx, snapshot[side][0])
+            np.testing.assert_allclose(tau, snapshot[side][1], rtol=1e-3)
         final = load_checkpoint(out / "checkpoint_1.pth")
         if nproc == 1:  # one process holds whole arrays and writes them into the checkpoint
             assert "loss_shards" not in final and final["loss"]["tau_I"].shape == (400,)

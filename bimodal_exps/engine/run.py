@@ -87,7 +87,7 @@ def train(
     start: StartingPoint,
 ) -> bool:
     """Train (or continue) the run to ``epochs`` epochs; False when a stop request ended it
-    after a checkpoint. Rank 0 writes learned temperatures to ``output_dir``."""
+    after a checkpoint. Learned temperatures go to ``output_dir/temperatures``."""
     progress, model, loss_fn = trainer.progress, trainer.model, trainer.loss_fn
     if start.resume:
         trainer.load_state_dict(start.state, start.run_dir, data)
@@ -122,10 +122,9 @@ def train(
         if is_best:
             trainer.best = {"r_mean": val[0] if val else -1.0, "epoch": epoch}
         trainer.save_epoch_checkpoint(epoch, is_best)
-        if hasattr(loss_fn, "temperatures"):
-            temperatures = loss_fn.temperatures()  # every rank: owner-sharded, a collective call
-            if parallel.is_main_process():
-                save_temperatures(temperatures, output_dir, epoch)
+        if hasattr(loss_fn, "temperatures"):  # a collective call: each rank writes what it holds
+            sharded = loss_fn.shards is not None
+            save_temperatures(loss_fn.temperatures(), output_dir, epoch, sharded=sharded, device=trainer.device)
         if parallel.any_rank(trainer.stop.requested, device=trainer.device)[0]:
             log.warning("stopping after epoch %d (checkpoint saved)", epoch)
             return False

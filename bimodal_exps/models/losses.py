@@ -894,16 +894,19 @@ class _TemperatureTable(GCLLoss):
         return state[f"tau_{side}"]
 
     def temperatures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Learned temperatures of the samples seen so far: {"image"/"text": (indices [n], tau [n])}.
-        Owner-sharded, a collective call whose result only rank 0 gets (the others: {})."""
+        """Learned temperatures of the samples seen so far that this rank holds, on the host:
+        {"image"/"text": (dataset indices [n], tau [n])}; replicated every rank holds them all,
+        owner-sharded its own indices only (nothing is gathered: engine/temperatures.py)."""
         out = {}
         for side, name in (("I", "image"), ("T", "text")):
             seen, tau = getattr(self, f"seen_{side}"), getattr(self, f"tau_{side}")
-            if self.shards is not None:
-                seen, tau = self.shards.whole(seen), self.shards.whole(tau)
-            if seen is not None:
-                idx = seen.nonzero().flatten()
-                out[name] = (idx.cpu(), tau[idx].cpu())
+            if self.shards is None:
+                slots = seen.nonzero().flatten()
+                out[name] = (slots.cpu(), tau[slots].cpu())
+            else:  # the scratch slot is not an index
+                slots = seen[: self.shards.slots].nonzero().flatten()
+                idx = slots * self.shards.world + self.shards.rank
+                out[name] = (idx.cpu(), tau[slots].cpu())
         return out
 
 
