@@ -165,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ita_type", default="isogclr", help=f"loss: one of {', '.join(names)}")
     g.add_argument(
         "--state_sharding",
-        default="replicated",
-        choices=["replicated", "owner"],
-        help="per-sample loss state with several ranks: 'replicated' (default) the whole state on every rank, "
-        "'owner' index a on rank a mod W only (1/W of the memory, exact, ALGORITHMS.md 11); checkpoints are "
-        "the same either way",
+        default="owner",
+        choices=["owner", "replicated"],
+        help="per-sample loss state with several ranks: 'owner' (default) index a on rank a mod W only (1/W of "
+        "the memory, exact, ALGORITHMS.md 11), 'replicated' the whole state on every rank, as the original code; "
+        "a checkpoint of either resumes in either on any number of ranks",
     )
     for field in loss_hparam_fields().values():
         _add_hparam_flag(g, field)

@@ -130,6 +130,17 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sum_scatter(x: torch.Tensor) -> torch.Tensor:
+    """[W*b, ...] on every rank -> [b, ...]: rank r's rows ``r*b:(r+1)*b`` of the sum of ``x``
+    over ranks (one reduce-scatter: each rank receives its own rows only, half an all-reduce)."""
+    if world_size() == 1:
+        return x.clone()
+    mine = x.new_empty((x.shape[0] // world_size(), *x.shape[1:]))
+    dist.reduce_scatter_tensor(mine, x.contiguous(), op=dist.ReduceOp.SUM)
+    return mine
+
+
+@torch.no_grad()
 def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum of ``x`` over ranks (one all-reduce; a new tensor)."""
     x = x.clone()

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import clip
 import plot
+from engine.temperatures import read_temperatures, snapshot_epochs
 from tiny_run import tiny_run_args
 
 PLOT_PY = Path(plot.__file__)
@@ -68,3 +70,33 @@ def test_a_folder_without_log_jsonl_is_an_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'log.jsonl'} not found: RUN_DIR must be a run's --output_dir"
     assert not (tmp_path / "plots").exists()
+
+
+def split_snapshot(whole: Path, folder: Path, epoch: int, world: int, keep: list[int]) -> None:
+    """Write ``whole``'s arrays as an owner-sharded run's parts (index mod world), only ranks ``keep``."""
+    with np.load(whole) as arrays:
+        for r in keep:
+            part = {}
+            for side in ("image", "text"):
+                idx, tau = arrays[f"{side}_index"], arrays[f"{side}_tau"]
+                part[f"{side}_index"], part[f"{side}_tau"] = idx[idx % world == r], tau[idx % world == r]
+            np.savez_compressed(folder / f"epoch_{epoch}.part-{r}-of-{world}.npz", **part)
+
+
+def test_sharded_snapshots_read_whole_and_incomplete_ones_skipped(run_dir, tmp_path, capsys):
+    """An owner-sharded run's snapshot parts read back as the whole snapshot; one with a part
+    missing (still being written) is refused by name, and plot.py leaves that epoch out."""
+    folder = tmp_path / "temperatures"
+    folder.mkdir()
+    split_snapshot(run_dir / "temperatures" / "epoch_0.npz", folder, 0, 2, [1, 0])
+    split_snapshot(run_dir / "temperatures" / "epoch_1.npz", folder, 1, 3, [0, 2])
+    assert snapshot_epochs(folder) == [0, 1]
+    with np.load(run_dir / "temperatures" / "epoch_0.npz") as whole:
+        for side, (idx, tau) in read_temperatures(folder, 0).items():
+            np.testing.assert_array_equal(idx, whole[f"{side}_index"])
+            np.testing.assert_array_equal(tau, whole[f"{side}_tau"])
+    with pytest.raises(FileNotFoundError, match=r"epoch 1 .* is incomplete: parts \['epoch_1.part-0-of-3.npz', "):
+        read_temperatures(folder, 1)
+    assert plot.plot_temperatures(folder, tmp_path / "t.png") == tmp_path / "t.png"
+    assert_png(tmp_path / "t.png")
+    assert "skipped: the temperature snapshot of epoch 1" in capsys.readouterr().err

@@ -10,9 +10,12 @@ process, which checkpoints and stops, shuts them down.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import sys
 import threading
+from multiprocessing import forkserver, resource_tracker
 
 import torch.utils.data
 import tqdm
@@ -27,6 +30,15 @@ import tqdm
 # loader has returned and are waited for before the next fork.
 tqdm.tqdm.monitor_interval = 0
 FEEDER_EXIT_TIMEOUT_S = 5.0
+# Native threads can take that lock too, and nothing here can wait for them: gloo's worker
+# threads ("pt_gloo_runloop") take the GIL, creating a thread state, when they release the last
+# reference to a collective's tensors (seen: an evaluation worker of rank 1 blocked in
+# PyOS_AfterFork_Child while a gloo thread held a thread state, under the real Slurm harness,
+# about once in five runs). CPython fixed the child's lock in 3.12.0, 3.11.10 and 3.10.15
+# (gh-112275); before those, workers are forked by multiprocessing's fork server, a
+# single-threaded process started once, instead of by the multi-threaded training process.
+FORK_IS_SAFE = sys.version_info >= (3, 12) or (sys.version_info[:2] == (3, 11) and sys.version_info >= (3, 11, 10))
+FORK_IS_SAFE = FORK_IS_SAFE or (sys.version_info[:2] == (3, 10) and sys.version_info >= (3, 10, 15))
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Workers run at a lower priority than the training process: where they share cores with its
@@ -47,12 +59,15 @@ class DataLoader(torch.utils.data.DataLoader):
 
     The signals are blocked in the main thread while the workers are forked, so that none
     arrives in a worker before it ignores them; the main process receives them once the
-    workers are up.
+    workers are up. The fork server (see FORK_IS_SAFE) is started under the same mask, keeps it,
+    and so neither it nor the workers it forks die of a signal sent to the whole job.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         if "worker_init_fn" in kwargs:
             raise ValueError("data.workers.DataLoader sets worker_init_fn itself")
+        if not FORK_IS_SAFE and kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("multiprocessing_context", _fork_server())
         super().__init__(*args, worker_init_fn=_worker_init, **kwargs)
 
     def _get_iterator(self):
@@ -73,3 +88,21 @@ def _wait_for_feeder_threads() -> None:
     for thread in threading.enumerate():
         if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
             thread.join(FEEDER_EXIT_TIMEOUT_S)
+
+
+def _fork_server() -> multiprocessing.context.BaseContext:
+    """multiprocessing's fork-server context, its server started now with the stop signals
+    blocked (which it and the workers it forks keep until ``_worker_init``). The server imports
+    the training's main module and torch once, so that a worker forked from it starts in
+    milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch", "data.loaders", "data.retrieval_split"])
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # the resource tracker, which the server needs, unblocks SIGINT and SIGTERM after it starts
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return context

@@ -351,15 +351,15 @@ class OwnerShards:
     def fetch(self, buffers: list[torch.Tensor], idx: list[torch.Tensor]) -> list[torch.Tensor]:
         """``buffer[i]`` for this rank's indices ``i`` [b] of every buffer, whichever rank owns
         them: the indices of every rank gathered, each owner fills in its own values, and a sum
-        over ranks delivers them (two fixed-size collectives of O(W b) values, never O(n))."""
-        b = idx[0].shape[0]
+        over ranks scattered to the ranks that want them delivers them (two fixed-size
+        collectives of O(W b) values, never O(n))."""
         wanted = parallel.all_gather_equal(torch.stack(idx, dim=1))  # [W b, k]
         owned = wanted % self.world == self.rank
         values = torch.stack(
             [torch.where(owned[:, k], buf[self.slot(wanted[:, k])].double(), 0.0) for k, buf in enumerate(buffers)],
             dim=1,
         )  # float64: a float32 value plus zeros sums exactly
-        values = parallel.sum_over_ranks(values)[self.rank * b : (self.rank + 1) * b]
+        values = parallel.sum_scatter(values)
         return [values[:, k].to(buf.dtype) for k, buf in enumerate(buffers)]
 
 
