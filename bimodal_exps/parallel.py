@@ -121,12 +121,16 @@ def gather_to_main(x: torch.Tensor) -> list[torch.Tensor] | None:
 
 
 @torch.no_grad()
-def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """The elementwise sum of ``x`` over ranks (one all-reduce; a new tensor)."""
+def _all_reduce(x: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
     x = x.clone()
     if world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=op)
     return x
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``x`` over ranks (one all-reduce; a new tensor)."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 @torch.no_grad()
@@ -140,13 +144,9 @@ def sum_scatter(x: torch.Tensor) -> torch.Tensor:
     return mine
 
 
-@torch.no_grad()
 def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum of ``x`` over ranks (one all-reduce; a new tensor)."""
-    x = x.clone()
-    if world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 @torch.no_grad()
